@@ -1,0 +1,1 @@
+"""Pure flow semantics: tree validation, the state machine, `decide`. No grpc, SQL, asyncio or clock."""

@@ -1,0 +1,825 @@
+"""The engine: a single batching loop that applies events to pipelines and hands tasks to workers.
+
+RPC handlers never touch the database themselves. They queue an operation and await its future. One loop
+drains the queue, and one database thread applies everything queued in one transaction: it runs the pure
+`decide` for each event, writes all changes with one statement per kind, claims tasks for the polls that
+are waiting, and commits. Only then are the RPCs answered (group commit: an RPC is acknowledged only after
+its effects are durable, and one fsync serves many of them).
+
+Snapshots of running pipelines are cached between events; every pipeline row carries a `row_version`, and
+a batch re-reads (and on PostgreSQL locks) the rows it touches, so a copy another replica changed is
+reloaded instead of trusted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from engine_server.core.decide import (
+    CancelTasks,
+    Decision,
+    Event,
+    OfferTask,
+    StartPipeline,
+    TaskCompleted,
+    TaskFailed,
+    TaskKind,
+    decide,
+)
+from engine_server.core.model import FINAL_PIPELINE_STATES, NodeRun, PipelineSpec, PipelineState, Snapshot
+from engine_server.errors import (
+    REJECTION_ERRORS,
+    AlreadyExists,
+    EngineError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from engine_server.records import SpecCache, dumps, history_row, node_from_row, node_row, snapshot_from_rows
+from engine_server.settings import Settings
+from storage.schema import CANCELLED, DONE, EXECUTE, QUEUED, SCHEDULE
+from storage.store import Store, WriteSet
+
+log = logging.getLogger("engine_server.engine")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------- values handed to the RPC layer
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    task_id: str
+    token: str
+    pipeline_id: str
+    node_id: str
+    node_version: str
+    component_code: str
+    component_version: str
+    kind: int
+    inputs_json: str
+    outputs_json: str
+    callback_data_json: str
+    attempt: int
+    loop: int
+    inner_loop: int
+    retry: int
+    schedule_times: int
+    lease_deadline: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatResult:
+    lease_deadline: int
+    cancel_requested: bool
+    cancel_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    duplicate: bool
+    will_retry: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineView:
+    """A consistent read of one pipeline for queries."""
+
+    pipeline_id: str
+    name: str
+    state: PipelineState
+    created_at: int
+    finished_at: int
+    spec: PipelineSpec
+    nodes: Sequence[NodeRun]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskToken:
+    task_id: str
+    claim_no: int
+    secret: str
+
+    def __str__(self) -> str:
+        return f"{self.task_id}.{self.claim_no}.{self.secret}"
+
+    @classmethod
+    def parse(cls, text: str) -> TaskToken:
+        parts = text.split(".")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[0] or not parts[2]:
+            raise InvalidArgument("the task token is malformed: pass the token exactly as PollTasks returned it")
+        return cls(parts[0], int(parts[1]), parts[2])
+
+
+# ---------------------------------------------------------------- queued operations
+
+
+@dataclass(eq=False)
+class _Op:
+    future: asyncio.Future[Any] = field(init=False, repr=False)
+
+
+@dataclass(eq=False)
+class _Start(_Op):
+    pipeline_id: str
+    name: str
+    tree_json: str
+    spec: PipelineSpec
+    context: Mapping[str, Any]
+    idempotency_key: str
+    start_node_id: str
+    cycle_tolerate: bool
+
+
+@dataclass(eq=False)
+class _Report(_Op):
+    """A worker's CompleteTask or FailTask; `event` builds the core event for the task's node attempt."""
+
+    token: TaskToken
+    event: Callable[[str, str], Event]
+    is_failure: bool
+
+
+@dataclass(eq=False)
+class _Heartbeat(_Op):
+    token: TaskToken
+
+
+@dataclass(eq=False)
+class _Poll:
+    codes: frozenset[str]
+    max_tasks: int
+    worker_id: str
+    future: asyncio.Future[list[ClaimedTask]]
+    # Not yet tried against the database.
+    fresh: bool = True
+    # wait_ms == 0: answer after the first try, empty or not.
+    once: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _ClaimRequest:
+    codes: tuple[str, ...]
+    limit: int
+    worker_id: str
+
+
+@dataclass
+class _BatchResult:
+    outcomes: list[Any]
+    claims: list[list[ClaimedTask]]
+    enqueued_codes: set[str]
+    requeued_codes: set[str]
+    next_due_at: int | None
+
+
+@dataclass
+class _Cached:
+    snapshot: Snapshot
+    row_version: int
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    def __init__(self, store: Store, settings: Settings, *, clock: Callable[[], int] = now_ms) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.specs = SpecCache()
+        self._db = ThreadPoolExecutor(1, thread_name_prefix="engine-db")
+        self._readers = ThreadPoolExecutor(4, thread_name_prefix="engine-read")
+        # Touched only by the database thread.
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        # Touched only by the event loop.
+        self._ops: list[_Op] = []
+        self._polls: dict[int, _Poll] = {}
+        self._releases: list[ClaimedTask] = []
+        self._maybe_codes: set[str] = set()
+        self._notified_during_batch: set[str] | None = None
+        self._next_due_at: int | None = None
+        self._next_reap_at = 0
+        self._next_recheck_at = 0
+        self._kick = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._db, self.store.create_schema)
+        self._next_due_at = await loop.run_in_executor(self._readers, self._earliest_pending)
+        self._loop_task = asyncio.create_task(self._run(), name="engine-loop")
+
+    def _earliest_pending(self) -> int | None:
+        with self.store.reader.connect() as conn:
+            return self.store.earliest_pending_task(conn)
+
+    async def stop(self) -> None:
+        """Finishes the batch in flight; answers what is still queued with UNAVAILABLE."""
+        self._stopping = True
+        self._kick.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        for op in self._ops:
+            if not op.future.done():
+                op.future.set_exception(Unavailable("the engine server is shutting down; retry on another"))
+        self._ops.clear()
+        for poll in self._polls.values():
+            if not poll.future.done():
+                poll.future.set_result([])
+        self._db.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        self.store.dispose()
+
+    def notify(self, codes: Iterable[str]) -> None:
+        """Another replica enqueued tasks of these codes (wake-up only; the database holds the tasks)."""
+        codes = set(codes)
+        self._maybe_codes |= codes
+        if self._notified_during_batch is not None:
+            self._notified_during_batch |= codes
+        self._kick.set()
+
+    # ------------------------------------------------------------ operations (called by the RPC layer)
+
+    async def start_pipeline(
+        self,
+        *,
+        tree_json: str,
+        spec: PipelineSpec,
+        context: Mapping[str, Any],
+        pipeline_id: str = "",
+        name: str = "",
+        idempotency_key: str = "",
+        start_node_id: str = "",
+        cycle_tolerate: bool = False,
+    ) -> tuple[str, bool]:
+        op = _Start(
+            pipeline_id=pipeline_id or uuid.uuid4().hex,
+            name=name,
+            tree_json=tree_json,
+            spec=spec,
+            context=context,
+            idempotency_key=idempotency_key,
+            start_node_id=start_node_id,
+            cycle_tolerate=cycle_tolerate,
+        )
+        self.specs.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
+        result: tuple[str, bool] = await self._submit(op)
+        return result
+
+    async def complete_task(
+        self, token: str, outputs: Mapping[str, Any], *, poll_after_ms: int = 0, await_callback: bool = False
+    ) -> ReportResult:
+        def event(node_id: str, version: str) -> Event:
+            return TaskCompleted(node_id, version, outputs, poll_after_ms, await_callback)
+
+        result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=False))
+        return result
+
+    async def fail_task(
+        self,
+        token: str,
+        message: str,
+        outputs: Mapping[str, Any],
+        *,
+        retryable: bool = False,
+        retry_after_ms: int = 0,
+    ) -> ReportResult:
+        budget = self.settings.transient_retry_budget
+
+        def event(node_id: str, version: str) -> Event:
+            return TaskFailed(node_id, version, message, outputs, retryable, retry_after_ms, budget)
+
+        result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=True))
+        return result
+
+    async def heartbeat(self, token: str) -> HeartbeatResult:
+        result: HeartbeatResult = await self._submit(_Heartbeat(TaskToken.parse(token)))
+        return result
+
+    async def poll_tasks(self, worker_id: str, codes: Sequence[str], max_tasks: int, wait_ms: int) -> list[ClaimedTask]:
+        if self._stopping:
+            raise Unavailable("the engine server is shutting down; poll another")
+        wait_ms = min(max(wait_ms, 0), self.settings.max_poll_wait_ms)
+        poll = _Poll(
+            codes=frozenset(codes),
+            max_tasks=min(max(max_tasks, 1), self.settings.max_tasks_per_poll),
+            worker_id=worker_id,
+            future=asyncio.get_running_loop().create_future(),
+            once=wait_ms == 0,
+        )
+        self._polls[id(poll)] = poll
+        self._kick.set()
+        try:
+            timeout = None if poll.once else wait_ms / 1000
+            return await asyncio.wait_for(asyncio.shield(poll.future), timeout)
+        except TimeoutError:
+            return poll.future.result() if poll.future.done() and not poll.future.cancelled() else []
+        except asyncio.CancelledError:
+            # The client went away after tasks were claimed for it: give them back at once.
+            if poll.future.done() and not poll.future.cancelled():
+                self._releases.extend(poll.future.result())
+                self._kick.set()
+            raise
+        finally:
+            self._polls.pop(id(poll), None)
+            if not poll.future.done():
+                poll.future.cancel()
+
+    async def _submit(self, op: _Op) -> Any:
+        if self._stopping:
+            raise Unavailable("the engine server is shutting down; retry on another")
+        op.future = asyncio.get_running_loop().create_future()
+        self._ops.append(op)
+        self._kick.set()
+        return await op.future
+
+    # ------------------------------------------------------------ reads
+
+    async def read(self, function: Callable[[Connection], Any]) -> Any:
+        def run() -> Any:
+            with self.store.reader.connect() as conn:
+                return function(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    async def get_pipeline(self, pipeline_id: str) -> PipelineView:
+        def load(conn: Connection) -> PipelineView:
+            with conn.begin():
+                row = self.store.load_pipeline(conn, pipeline_id)
+                if row is None:
+                    raise NotFound(f"pipeline {pipeline_id!r} does not exist")
+                nodes = self.store.load_nodes(conn, pipeline_id)
+            spec = self.specs.get(row.tree_json, cycle_tolerate=row.cycle_tolerate)
+            return PipelineView(
+                pipeline_id=row.id,
+                name=row.name,
+                state=PipelineState(row.state),
+                created_at=row.created_at,
+                finished_at=row.finished_at,
+                spec=spec,
+                nodes=[node_from_row(n) for n in nodes],
+            )
+
+        view: PipelineView = await self.read(load)
+        return view
+
+    async def get_node(self, pipeline_id: str, node_id: str) -> NodeRun:
+        view = await self.get_pipeline(pipeline_id)
+        for run in view.nodes:
+            if run.node_id == node_id:
+                return run
+        if node_id not in view.spec.nodes:
+            raise NotFound(f"pipeline {pipeline_id!r} has no node {node_id!r}")
+        raise NotFound(f"node {node_id!r} of pipeline {pipeline_id!r} has not been reached, so it has no data")
+
+    async def get_histories(self, pipeline_id: str, node_id: str) -> list[NodeRun]:
+        view = await self.get_pipeline(pipeline_id)
+        if node_id not in view.spec.nodes:
+            raise NotFound(f"pipeline {pipeline_id!r} has no node {node_id!r}")
+
+        def load(conn: Connection) -> list[NodeRun]:
+            rows = self.store.load_histories(conn, pipeline_id, node_id)
+            return [node_from_row(row) for row in rows]
+
+        runs: list[NodeRun] = await self.read(load)
+        return runs
+
+    # ------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._kick.is_set() and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), self._seconds_until_due())
+            self._kick.clear()
+            if self._stopping and not self._ops:
+                return
+            now = self.clock()
+            ops = self._ops[: self.settings.max_batch]
+            del self._ops[: len(ops)]
+            releases, self._releases = self._releases, []
+            reap = now >= self._next_reap_at
+            if reap:
+                self._next_reap_at = now + self.settings.reap_interval_ms
+            recheck = now >= self._next_recheck_at or (self._next_due_at is not None and now >= self._next_due_at)
+            if recheck:
+                self._next_recheck_at = now + self.settings.recheck_interval_ms
+                self._next_due_at = None
+            polls = [
+                p
+                for p in self._polls.values()
+                if not p.future.done() and (recheck or p.fresh or not p.codes.isdisjoint(self._maybe_codes))
+            ]
+            if not ops and not polls and not reap and not releases:
+                continue
+            requests = [_ClaimRequest(tuple(sorted(p.codes)), p.max_tasks, p.worker_id) for p in polls]
+            self._notified_during_batch = set()
+            try:
+                result = await loop.run_in_executor(self._db, self._run_batch, ops, requests, releases, now, reap)
+            except Exception as exc:  # the database is unreachable after retries
+                log.error("batch failed: %s", exc)
+                for op in ops:
+                    if not op.future.done():
+                        op.future.set_exception(Unavailable(f"the engine's database is unavailable: {exc}"))
+                self._releases.extend(releases)
+                await asyncio.sleep(0.5)
+                continue
+            finally:
+                notified, self._notified_during_batch = self._notified_during_batch or set(), None
+            self._deliver(ops, polls, result, notified)
+
+    def _seconds_until_due(self) -> float:
+        now = self.clock()
+        due = min(self._next_reap_at, self._next_recheck_at if self._polls else self._next_reap_at)
+        if self._next_due_at is not None and self._polls:
+            due = min(due, self._next_due_at)
+        return max(0.0, (due - now) / 1000)
+
+    def _deliver(self, ops: list[_Op], polls: list[_Poll], result: _BatchResult, notified: set[str]) -> None:
+        for op, outcome in zip(ops, result.outcomes, strict=True):
+            if op.future.done():
+                continue
+            if isinstance(outcome, BaseException):
+                op.future.set_exception(outcome)
+            else:
+                op.future.set_result(outcome)
+        maybe = self._maybe_codes | result.enqueued_codes | result.requeued_codes
+        for poll, claimed in zip(polls, result.claims, strict=True):
+            poll.fresh = False
+            if len(claimed) < poll.max_tasks:
+                maybe -= poll.codes
+            if claimed:
+                if poll.future.done():
+                    self._releases.extend(claimed)
+                else:
+                    poll.future.set_result(claimed)
+            elif poll.once and not poll.future.done():
+                poll.future.set_result([])
+        self._maybe_codes = maybe | notified
+        if result.next_due_at is not None:
+            self._next_due_at = min(result.next_due_at, self._next_due_at or result.next_due_at)
+        if (
+            self._ops
+            or self._releases
+            or any(
+                p.fresh or not p.codes.isdisjoint(self._maybe_codes)
+                for p in self._polls.values()
+                if not p.future.done()
+            )
+        ):
+            self._kick.set()
+
+    # ------------------------------------------------------------ one batch, in the database thread
+
+    def _run_batch(
+        self,
+        ops: list[_Op],
+        requests: list[_ClaimRequest],
+        releases: list[ClaimedTask],
+        now: int,
+        reap: bool,
+    ) -> _BatchResult:
+        for attempt in range(6):
+            try:
+                return _Batch(self, now).run(ops, requests, releases, reap)
+            except (OperationalError, DBAPIError) as exc:
+                self._cache.clear()
+                if attempt == 5 or not _is_transient(exc):
+                    raise
+                log.warning("database error, retrying the batch (%s): %s", attempt + 1, exc.orig or exc)
+                time.sleep(min(0.05 * 2**attempt, 1.0))
+        raise AssertionError("unreachable")
+
+    def _cache_get(self, pipeline_id: str) -> _Cached | None:
+        return self._cache.get(pipeline_id)
+
+    def _cache_put(self, pipeline_id: str, cached: _Cached) -> None:
+        if cached.snapshot.state in FINAL_PIPELINE_STATES:
+            self._cache.pop(pipeline_id, None)
+            return
+        self._cache[pipeline_id] = cached
+        self._cache.move_to_end(pipeline_id)
+        while len(self._cache) > self.settings.cache_size:
+            self._cache.popitem(last=False)
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    text = str(exc.orig or exc).lower()
+    return any(
+        marker in text
+        for marker in (
+            "database is locked",
+            "connection",
+            "server closed",
+            "terminating",
+            "could not serialize",
+            "deadlock",
+            "timeout",
+        )
+    )
+
+
+class _Batch:
+    """Applies one batch of operations in one transaction (runs in the database thread)."""
+
+    def __init__(self, engine: Engine, now: int) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.settings = engine.settings
+        self.now = now
+        self.writes = WriteSet()
+        self.working: dict[str, _Cached] = {}
+        self.dirty: set[str] = set()
+        self.nodes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.task_inserts: dict[str, dict[str, Any]] = {}
+        # Task status as this batch has changed it: task_id -> (status, completed_claim)
+        self.task_status: dict[str, tuple[int, int]] = {}
+        self.enqueued_codes: set[str] = set()
+        self.next_due_at: int | None = None
+
+    def run(
+        self, ops: list[_Op], requests: list[_ClaimRequest], releases: list[ClaimedTask], reap: bool
+    ) -> _BatchResult:
+        outcomes: list[Any] = []
+        with self.store.writer.begin() as conn:
+            task_rows = self.store.load_tasks(
+                conn, [op.token.task_id for op in ops if isinstance(op, _Report | _Heartbeat)]
+            )
+            self._load_pipelines(conn, {row.pipeline_id for row in task_rows.values()})
+            starts = [op for op in ops if isinstance(op, _Start)]
+            taken_ids = self.store.existing_pipeline_ids(conn, [op.pipeline_id for op in starts])
+            by_key = self.store.pipelines_by_idempotency_key(
+                conn, [op.idempotency_key for op in starts if op.idempotency_key]
+            )
+            for op in ops:
+                try:
+                    if isinstance(op, _Start):
+                        outcomes.append(self._start(op, taken_ids, by_key))
+                    elif isinstance(op, _Report):
+                        outcomes.append(self._report(op, task_rows.get(op.token.task_id)))
+                    elif isinstance(op, _Heartbeat):
+                        outcomes.append(self._heartbeat(op, task_rows.get(op.token.task_id)))
+                    else:
+                        raise AssertionError(f"unknown operation {op!r}")
+                except EngineError as exc:
+                    outcomes.append(exc)
+            self.writes.task_releases = [{"b_id": t.task_id, "b_claim_no": t.attempt} for t in releases]
+            self._flush(conn)
+            requeued = set(self.store.requeue_expired_leases(conn, self.now)) if reap else set()
+            claims = [self._claim(conn, request) for request in requests]
+        for pipeline_id in self.dirty:
+            self.engine._cache_put(pipeline_id, self.working[pipeline_id])
+        if requeued:
+            log.info("leases expired; tasks offered again for %s", ", ".join(sorted(requeued)))
+        return _BatchResult(outcomes, claims, self.enqueued_codes, requeued, self.next_due_at)
+
+    # ------------------------------------------------------------ loading
+
+    def _load_pipelines(self, conn: Connection, pipeline_ids: set[str]) -> None:
+        versions = self.store.pipeline_versions(conn, pipeline_ids)
+        for pipeline_id, row_version in versions.items():
+            cached = self.engine._cache_get(pipeline_id)
+            if cached is None or cached.row_version != row_version:
+                row = self.store.load_pipeline(conn, pipeline_id)
+                assert row is not None
+                spec = self.engine.specs.get(row.tree_json, cycle_tolerate=row.cycle_tolerate)
+                cached = _Cached(snapshot_from_rows(row, self.store.load_nodes(conn, pipeline_id), spec), row_version)
+            self.working[pipeline_id] = cached
+
+    # ------------------------------------------------------------ operations
+
+    def _start(self, op: _Start, taken_ids: set[str], by_key: dict[str, str]) -> tuple[str, bool]:
+        if op.idempotency_key and op.idempotency_key in by_key:
+            return by_key[op.idempotency_key], False
+        if op.pipeline_id in taken_ids:
+            raise AlreadyExists(f"pipeline id {op.pipeline_id!r} is already taken")
+        snapshot = Snapshot(
+            pipeline_id=op.pipeline_id,
+            spec=op.spec,
+            state=PipelineState.RUNNING,
+            nodes={},
+            context=op.context,
+            started_at=self.now,
+        )
+        decision = decide(snapshot, StartPipeline(op.start_node_id), self.now)
+        if decision.rejection is not None:
+            raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
+        self.writes.new_pipelines.append(
+            {
+                "id": op.pipeline_id,
+                "name": op.name or op.spec.id,
+                "tree_json": op.tree_json,
+                "cycle_tolerate": op.cycle_tolerate,
+                "state": PipelineState.RUNNING.value,
+                "row_version": 0,  # the pipeline update below makes it 1
+                "version_seq": 0,
+                "context_json": dumps(op.context),
+                "idempotency_key": op.idempotency_key or None,
+                "created_at": self.now,
+                "finished_at": 0,
+            }
+        )
+        self.working[op.pipeline_id] = _Cached(snapshot, 0)
+        taken_ids.add(op.pipeline_id)
+        if op.idempotency_key:
+            by_key[op.idempotency_key] = op.pipeline_id
+        self._apply(op.pipeline_id, decision)
+        return op.pipeline_id, True
+
+    def _check_token(self, token: TaskToken, row: Any) -> tuple[int, int]:
+        """Returns the task's (status, completed_claim) if the token is the task's current claim."""
+        if row is None:
+            raise NotFound(f"task {token.task_id!r} does not exist (was its pipeline purged?)")
+        status, completed_claim = self.task_status.get(row.id, (row.status, row.completed_claim))
+        if token.claim_no != row.claim_no or not secrets.compare_digest(token.secret, row.claim_secret):
+            raise FailedPrecondition(
+                f"stale task token for node {row.node_id!r}: it is for claim {token.claim_no}, but the task has "
+                f"since been offered again (claim {row.claim_no}); drop this result"
+            )
+        if status == QUEUED:
+            raise FailedPrecondition(
+                f"the lease of task {row.id!r} (node {row.node_id!r}) expired and the task is being offered again; "
+                "drop this result"
+            )
+        return status, completed_claim
+
+    def _report(self, op: _Report, row: Any) -> ReportResult:
+        status, completed_claim = self._check_token(op.token, row)
+        if status == DONE:
+            if completed_claim == op.token.claim_no:
+                return ReportResult(duplicate=True)
+            raise FailedPrecondition(f"task {row.id!r} was already completed by another claim")
+        if status == CANCELLED:
+            raise FailedPrecondition(f"task {row.id!r} was cancelled ({row.cancel_reason}); its result is refused")
+        cached = self.working.get(row.pipeline_id)
+        if cached is None:
+            raise NotFound(f"pipeline {row.pipeline_id!r} of task {row.id!r} does not exist")
+        decision = decide(cached.snapshot, op.event(row.node_id, row.node_version), self.now)
+        if decision.rejection is not None:
+            raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
+        self.task_status[row.id] = (DONE, op.token.claim_no)
+        self.writes.task_completions.append({"b_id": row.id, "completed_claim": op.token.claim_no})
+        self._apply(row.pipeline_id, decision)
+        will_retry = op.is_failure and any(
+            isinstance(c, OfferTask) and c.node_id == row.node_id for c in decision.commands
+        )
+        return ReportResult(duplicate=False, will_retry=will_retry)
+
+    def _heartbeat(self, op: _Heartbeat, row: Any) -> HeartbeatResult:
+        status, _ = self._check_token(op.token, row)
+        if status == CANCELLED:
+            return HeartbeatResult(0, True, row.cancel_reason)
+        if status == DONE:
+            raise FailedPrecondition(f"task {row.id!r} is already completed; stop heartbeating it")
+        deadline = self.now + self.settings.lease_ms
+        self.writes.lease_extensions.append(
+            {"b_id": row.id, "b_claim_no": op.token.claim_no, "lease_deadline": deadline}
+        )
+        return HeartbeatResult(deadline, False)
+
+    # ------------------------------------------------------------ applying decisions
+
+    def _apply(self, pipeline_id: str, decision: Decision) -> None:
+        cached = self.working[pipeline_id]
+        self.working[pipeline_id] = _Cached(decision.snapshot, cached.row_version)
+        self.dirty.add(pipeline_id)
+        inputs_json: dict[str, str] = {}
+        for command in decision.commands:
+            if isinstance(command, OfferTask):
+                inputs_json[command.node_id] = self._offer(pipeline_id, command)
+            elif isinstance(command, CancelTasks):
+                self._cancel(pipeline_id, command)
+        nodes = decision.snapshot.nodes
+        for node_id in decision.changed_node_ids:
+            self.nodes[(pipeline_id, node_id)] = node_row(
+                pipeline_id, nodes[node_id], inputs_json=inputs_json.get(node_id)
+            )
+        self.writes.history_inserts.extend(history_row(pipeline_id, run) for run in decision.histories)
+
+    def _offer(self, pipeline_id: str, command: OfferTask) -> str:
+        task_id = uuid.uuid4().hex
+        inputs_json = dumps(command.inputs)
+        self.task_inserts[task_id] = {
+            "id": task_id,
+            "pipeline_id": pipeline_id,
+            "node_id": command.node_id,
+            "node_version": command.version,
+            "kind": EXECUTE if command.kind == TaskKind.EXECUTE else SCHEDULE,
+            "component_code": command.component_code,
+            "component_version": command.component_version,
+            "status": QUEUED,
+            "available_at": command.available_at,
+            "lease_deadline": 0,
+            "claim_no": 0,
+            "claim_secret": "",
+            "completed_claim": 0,
+            "worker_id": "",
+            "cancel_reason": "",
+            "inputs_json": inputs_json,
+            "outputs_json": dumps(command.outputs),
+            "callback_data_json": "" if command.callback_data is None else dumps(command.callback_data),
+            "loop": command.loop,
+            "inner_loop": command.inner_loop,
+            "retry": command.retry,
+            "schedule_times": command.schedule_times,
+            "created_at": self.now,
+        }
+        self.enqueued_codes.add(command.component_code)
+        if command.available_at > self.now:
+            self.next_due_at = min(command.available_at, self.next_due_at or command.available_at)
+        return inputs_json
+
+    def _cancel(self, pipeline_id: str, command: CancelTasks) -> None:
+        for task_id, task in list(self.task_inserts.items()):
+            if (task["pipeline_id"], task["node_id"], task["node_version"]) == (
+                pipeline_id,
+                command.node_id,
+                command.version,
+            ):
+                del self.task_inserts[task_id]
+        self.writes.task_cancels.append(
+            {
+                "b_pipeline_id": pipeline_id,
+                "b_node_id": command.node_id,
+                "b_node_version": command.version,
+                "reason": command.reason,
+            }
+        )
+
+    def _flush(self, conn: Connection) -> None:
+        for pipeline_id in self.dirty:
+            cached = self.working[pipeline_id]
+            snapshot = cached.snapshot
+            new_version = cached.row_version + 1
+            self.writes.pipeline_updates.append(
+                {
+                    "b_id": pipeline_id,
+                    "state": snapshot.state.value,
+                    "row_version": new_version,
+                    "version_seq": snapshot.version_seq,
+                    "finished_at": snapshot.finished_at,
+                }
+            )
+            self.working[pipeline_id] = _Cached(snapshot, new_version)
+        self.writes.node_upserts = list(self.nodes.values())
+        self.writes.task_inserts = list(self.task_inserts.values())
+        self.store.write(conn, self.writes)
+
+    def _claim(self, conn: Connection, request: _ClaimRequest) -> list[ClaimedTask]:
+        secret = secrets.token_hex(8)
+        deadline = self.now + self.settings.lease_ms
+        rows = self.store.claim(
+            conn,
+            codes=request.codes,
+            limit=request.limit,
+            now=self.now,
+            lease_deadline=deadline,
+            worker_id=request.worker_id,
+            secret=secret,
+        )
+        return [
+            ClaimedTask(
+                task_id=row.id,
+                token=str(TaskToken(row.id, row.claim_no, secret)),
+                pipeline_id=row.pipeline_id,
+                node_id=row.node_id,
+                node_version=row.node_version,
+                component_code=row.component_code,
+                component_version=row.component_version,
+                kind=row.kind,
+                inputs_json=row.inputs_json,
+                outputs_json=row.outputs_json,
+                callback_data_json=row.callback_data_json,
+                attempt=row.claim_no,
+                loop=row.loop,
+                inner_loop=row.inner_loop,
+                retry=row.retry,
+                schedule_times=row.schedule_times,
+                lease_deadline=deadline,
+            )
+            for row in rows
+        ]

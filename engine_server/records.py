@@ -1,0 +1,117 @@
+"""Conversions between database rows and the core's models, and the parsed-tree cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from engine_server.core.model import NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
+from engine_server.core.tree import parse_tree
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class SpecCache:
+    """Parsed trees by content: many pipelines of one tree share one immutable PipelineSpec."""
+
+    def __init__(self, capacity: int = 2_000) -> None:
+        self._specs: OrderedDict[tuple[str, bool], PipelineSpec] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, tree_json: str, *, cycle_tolerate: bool) -> PipelineSpec:
+        key = (hashlib.blake2b(tree_json.encode(), digest_size=16).hexdigest(), cycle_tolerate)
+        with self._lock:
+            spec = self._specs.get(key)
+            if spec is not None:
+                self._specs.move_to_end(key)
+                return spec
+        spec = parse_tree(json.loads(tree_json), cycle_tolerate=cycle_tolerate)
+        self.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
+        return spec
+
+    def put(self, tree_json: str, spec: PipelineSpec, *, cycle_tolerate: bool) -> None:
+        key = (hashlib.blake2b(tree_json.encode(), digest_size=16).hexdigest(), cycle_tolerate)
+        with self._lock:
+            self._specs[key] = spec
+            while len(self._specs) > self._capacity:
+                self._specs.popitem(last=False)
+
+
+def node_from_row(row: Any) -> NodeRun:
+    return NodeRun(
+        node_id=row.node_id,
+        state=NodeState(row.state),
+        version=row.version,
+        loop=row.loop,
+        inner_loop=row.inner_loop,
+        retry=row.retry,
+        skip=row.skip,
+        error_ignored=row.error_ignored,
+        # History rows keep no live-only fields.
+        schedule_times=getattr(row, "schedule_times", 0),
+        awaiting_callback=getattr(row, "awaiting_callback", False),
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        inputs=json.loads(row.inputs_json),
+        outputs=json.loads(row.outputs_json),
+    )
+
+
+def node_row(pipeline_id: str, run: NodeRun, *, inputs_json: str | None = None) -> dict[str, Any]:
+    return {
+        "pipeline_id": pipeline_id,
+        "node_id": run.node_id,
+        "state": run.state.value,
+        "version": run.version,
+        "loop": run.loop,
+        "inner_loop": run.inner_loop,
+        "retry": run.retry,
+        "skip": run.skip,
+        "error_ignored": run.error_ignored,
+        "schedule_times": run.schedule_times,
+        "awaiting_callback": run.awaiting_callback,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "inputs_json": inputs_json if inputs_json is not None else dumps(run.inputs),
+        "outputs_json": dumps(run.outputs),
+    }
+
+
+def history_row(pipeline_id: str, run: NodeRun) -> dict[str, Any]:
+    row = node_row(pipeline_id, run)
+    for live_only in ("schedule_times", "awaiting_callback"):
+        del row[live_only]
+    return row
+
+
+def snapshot_from_rows(pipeline: Any, nodes: Sequence[Any], spec: PipelineSpec) -> Snapshot:
+    return Snapshot(
+        pipeline_id=pipeline.id,
+        spec=spec,
+        state=PipelineState(pipeline.state),
+        nodes={row.node_id: node_from_row(row) for row in nodes},
+        context=json.loads(pipeline.context_json),
+        version_seq=pipeline.version_seq,
+        started_at=pipeline.created_at,
+        finished_at=pipeline.finished_at,
+    )
+
+
+def parse_json_object(text: str, what: str) -> Mapping[str, Any]:
+    """Parses a JSON object payload; raises ValueError with a message naming the field."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value

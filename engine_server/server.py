@@ -1,0 +1,71 @@
+"""Assembles the gRPC server around the engine and runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+
+from engine_api.engine.v1 import engine_pb2_grpc, worker_pb2_grpc
+from engine_server.engine import Engine
+from engine_server.servicers import EngineServicer, WorkerServicer
+from engine_server.settings import Settings
+from storage.store import Store
+
+log = logging.getLogger("engine_server")
+
+# Seconds in-flight RPCs get to finish on shutdown.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class EngineServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.engine = Engine(self.store, settings)
+        # Room for the largest tree plus framing; payload fields are checked against their own limit.
+        max_message = max(settings.max_tree_bytes, settings.max_payload_bytes) + 1024 * 1024
+        self.grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(self.engine, settings), self.grpc_server)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.engine, settings), self.grpc_server)
+        self.port = 0
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.port = self.grpc_server.add_insecure_port(self.settings.listen)
+        if self.port == 0:
+            raise SystemExit(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+        await self.grpc_server.start()
+        log.info(
+            "engine server listening on %s (database %s)",
+            self.settings.listen.rsplit(":", 1)[0] + f":{self.port}",
+            self.store.writer.url.render_as_string(hide_password=True),
+        )
+
+    async def stop(self) -> None:
+        log.info("shutting down: finishing in-flight requests")
+        stopping = asyncio.create_task(self.grpc_server.stop(SHUTDOWN_GRACE_S))
+        await self.engine.stop()
+        await stopping
+        log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    server = EngineServer(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()

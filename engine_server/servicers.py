@@ -1,0 +1,293 @@
+"""gRPC servicers: convert the request, call the engine, convert the answer. Nothing else lives here."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc, worker_pb2, worker_pb2_grpc
+from engine_server import converters
+from engine_server.core.model import PipelineState
+from engine_server.core.render import RenderError, render_context
+from engine_server.core.tree import TreeError, load_tree_json, parse_tree
+from engine_server.engine import Engine
+from engine_server.errors import (
+    AlreadyExists,
+    EngineError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+)
+from engine_server.records import parse_json_object
+from engine_server.settings import Settings
+
+log = logging.getLogger("engine_server.rpc")
+
+# The one error map of the server boundary.
+STATUS_CODES: dict[type[EngineError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def maps_errors(method: Handler[Request, Response]) -> Handler[Request, Response]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except EngineError as exc:
+            code = STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(exc))
+        except Exception:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the engine; see its log")
+        raise AssertionError("context.abort returns by raising")
+
+    return wrapper
+
+
+def not_yet(name: str) -> Any:
+    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this engine server version yet"
+        )
+
+    handler.__name__ = name
+    return handler
+
+
+class Limits:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def payload(self, text: str, what: str) -> None:
+        size = len(text.encode()) if len(text) * 4 > self.settings.max_payload_bytes else len(text)
+        if size > self.settings.max_payload_bytes:
+            raise InvalidArgument(
+                f"{what} is {size} bytes, over the server's limit of {self.settings.max_payload_bytes} bytes "
+                "(--max-payload-bytes)"
+            )
+
+    def json_object(self, text: str, what: str) -> dict[str, Any]:
+        self.payload(text, what)
+        try:
+            return dict(parse_json_object(text, what))
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+
+def _required(value: str, what: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{what} is required")
+    return value
+
+
+class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.limits = Limits(settings)
+
+    def _parse_tree(self, tree_json: str, cycle_tolerate: bool) -> Any:
+        if not tree_json:
+            raise InvalidArgument("tree_json is required (or template_id)")
+        if len(tree_json) > self.settings.max_tree_bytes:
+            raise InvalidArgument(
+                f"the tree is {len(tree_json)} bytes, over the limit of {self.settings.max_tree_bytes} bytes "
+                "(--max-tree-bytes)"
+            )
+        return parse_tree(load_tree_json(tree_json), cycle_tolerate=cycle_tolerate)
+
+    @maps_errors
+    async def StartPipeline(
+        self, request: engine_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.StartPipelineResponse:
+        if request.template_id:
+            raise Unimplemented("starting a registered template is not implemented by this engine version yet")
+        try:
+            spec = self._parse_tree(request.tree_json, request.cycle_tolerate)
+        except TreeError as exc:
+            raise (Unimplemented if exc.unsupported_only else InvalidArgument)(str(exc)) from None
+        inputs = self.limits.json_object(request.inputs_json, "inputs_json")
+        try:
+            variables = render_context(spec.inputs, inputs)
+        except RenderError as exc:
+            raise InvalidArgument(f"cannot render the pipeline's data.inputs: {exc}") from None
+        if request.start_node_id and request.start_node_id not in spec.nodes:
+            raise InvalidArgument(f"start_node_id {request.start_node_id!r} is not a node of the tree")
+        pipeline_id, created = await self.engine.start_pipeline(
+            tree_json=request.tree_json,
+            spec=spec,
+            context=variables,
+            pipeline_id=request.pipeline_id,
+            idempotency_key=request.idempotency_key,
+            start_node_id=request.start_node_id,
+            cycle_tolerate=request.cycle_tolerate,
+        )
+        return engine_pb2.StartPipelineResponse(pipeline_id=pipeline_id, created=created)
+
+    @maps_errors
+    async def ValidatePipeline(
+        self, request: engine_pb2.ValidatePipelineRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.ValidatePipelineResponse:
+        try:
+            self._parse_tree(request.tree_json, request.cycle_tolerate)
+        except TreeError as exc:
+            return engine_pb2.ValidatePipelineResponse(
+                valid=False,
+                problems=[
+                    engine_pb2.ValidationProblem(code=p.code, message=p.message, node_id=p.node_id, flow_id=p.flow_id)
+                    for p in exc.problems
+                ],
+            )
+        return engine_pb2.ValidatePipelineResponse(valid=True)
+
+    @maps_errors
+    async def GetState(
+        self, request: engine_pb2.GetStateRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.GetStateResponse:
+        view = await self.engine.get_pipeline(_required(request.pipeline_id, "pipeline_id"))
+        return converters.state_tree(view)
+
+    @maps_errors
+    async def GetNodeData(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.NodeData:
+        run = await self.engine.get_node(
+            _required(request.pipeline_id, "pipeline_id"), _required(request.node_id, "node_id")
+        )
+        return converters.node_data(request.pipeline_id, run)
+
+    @maps_errors
+    async def GetNodeHistories(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.GetNodeHistoriesResponse:
+        runs = await self.engine.get_histories(
+            _required(request.pipeline_id, "pipeline_id"), _required(request.node_id, "node_id")
+        )
+        return engine_pb2.GetNodeHistoriesResponse(histories=[converters.node_history(r) for r in runs])
+
+    @maps_errors
+    async def ListPipelines(
+        self, request: engine_pb2.ListPipelinesRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.ListPipelinesResponse:
+        page_size = min(request.page_size or 100, 1000)
+        after = None
+        if request.page_token:
+            created_at, _, pipeline_id = request.page_token.partition(":")
+            if not created_at.isdigit() or not pipeline_id:
+                raise InvalidArgument("page_token is malformed: pass next_page_token back unchanged")
+            after = (int(created_at), pipeline_id)
+        states = []
+        for number in request.states:
+            if number not in converters.PIPELINE_STATES_BY_NUMBER:
+                raise InvalidArgument(f"unknown pipeline state {number} in states")
+            states.append(converters.PIPELINE_STATES_BY_NUMBER[number].value)
+        store = self.engine.store
+        rows = await self.engine.read(
+            lambda conn: store.list_pipelines(conn, states=states, limit=page_size, after=after)
+        )
+        response = engine_pb2.ListPipelinesResponse(
+            pipelines=[
+                engine_pb2.PipelineSummary(
+                    pipeline_id=row.id,
+                    state=converters.PIPELINE_STATES[PipelineState(row.state)],
+                    name=row.name,
+                    created_unix_ms=row.created_at,
+                    finished_unix_ms=row.finished_at,
+                )
+                for row in rows
+            ]
+        )
+        if len(rows) == page_size:
+            response.next_page_token = f"{rows[-1].created_at}:{rows[-1].id}"
+        return response
+
+    # Control operations arrive with the next engine version; until then they say so.
+    PausePipeline = not_yet("PausePipeline")
+    ResumePipeline = not_yet("ResumePipeline")
+    RevokePipeline = not_yet("RevokePipeline")
+    PauseNode = not_yet("PauseNode")
+    ResumeNode = not_yet("ResumeNode")
+    RetryNode = not_yet("RetryNode")
+    RetrySubprocess = not_yet("RetrySubprocess")
+    SkipNode = not_yet("SkipNode")
+    SkipExclusiveGateway = not_yet("SkipExclusiveGateway")
+    SkipConditionalParallelGateway = not_yet("SkipConditionalParallelGateway")
+    ForceFailNode = not_yet("ForceFailNode")
+    Callback = not_yet("Callback")
+    Watch = not_yet("Watch")
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.limits = Limits(settings)
+
+    @maps_errors
+    async def PollTasks(
+        self, request: worker_pb2.PollTasksRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PollTasksResponse:
+        codes = [code for code in request.component_codes if code]
+        if not codes:
+            raise InvalidArgument("component_codes is required: name the component codes this worker serves")
+        tasks = await self.engine.poll_tasks(request.worker_id, codes, request.max_tasks, request.wait_ms)
+        return worker_pb2.PollTasksResponse(tasks=[converters.task_message(t) for t in tasks])
+
+    @maps_errors
+    async def Heartbeat(
+        self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.HeartbeatResponse:
+        self.limits.payload(request.progress_json, "progress_json")
+        result = await self.engine.heartbeat(_required(request.token, "token"))
+        return worker_pb2.HeartbeatResponse(
+            lease_deadline_unix_ms=result.lease_deadline,
+            cancel_requested=result.cancel_requested,
+            cancel_reason=result.cancel_reason,
+        )
+
+    @maps_errors
+    async def CompleteTask(
+        self, request: worker_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CompleteTaskResponse:
+        outputs = self.limits.json_object(request.outputs_json, "outputs_json")
+        if request.poll_after_ms < 0:
+            raise InvalidArgument("poll_after_ms must not be negative")
+        if request.poll_after_ms and request.await_callback:
+            raise InvalidArgument("poll_after_ms and await_callback exclude each other")
+        result = await self.engine.complete_task(
+            _required(request.token, "token"),
+            outputs,
+            poll_after_ms=request.poll_after_ms,
+            await_callback=request.await_callback,
+        )
+        return worker_pb2.CompleteTaskResponse(duplicate=result.duplicate)
+
+    @maps_errors
+    async def FailTask(
+        self, request: worker_pb2.FailTaskRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.FailTaskResponse:
+        self.limits.payload(request.error_message, "error_message")
+        outputs = self.limits.json_object(request.outputs_json, "outputs_json")
+        result = await self.engine.fail_task(
+            _required(request.token, "token"),
+            request.error_message,
+            outputs,
+            retryable=request.retryable,
+            retry_after_ms=max(0, request.retry_after_ms),
+        )
+        return worker_pb2.FailTaskResponse(duplicate=result.duplicate, will_retry=result.will_retry)

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy Core schema and statements for SQLite (embedded default) and PostgreSQL."""

@@ -1,0 +1,71 @@
+"""Connecting to the database chosen by URL: SQLite (the embedded default) or PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def normalise_url(url: str) -> str:
+    """Accepts postgresql:// and postgres:// URLs and selects the psycopg 3 driver for them."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_database_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 8) -> tuple[Engine, Engine]:
+    """Returns (writer, reader) engines. On PostgreSQL they are the same; SQLite needs two kinds of BEGIN."""
+    url = normalise_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, sqlite_synchronous, writer=True), _sqlite_engine(url, sqlite_synchronous)
+    if parsed.get_backend_name() != "postgresql":
+        raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        # A connection killed by the server (restart, pg_terminate_backend) is noticed before use.
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+    return engine, engine
+
+
+def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engine:
+    if synchronous.upper() not in SQLITE_SYNCHRONOUS_MODES:
+        raise ValueError(f"sqlite synchronous must be one of {', '.join(SQLITE_SYNCHRONOUS_MODES)}")
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        pool_size=1 if writer else 4,
+        max_overflow=0 if writer else 8,
+        connect_args={"check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy issue BEGIN itself, so a transaction really is one transaction.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        # The writer takes the write lock at BEGIN, so it is never upgraded mid-transaction (SQLITE_BUSY);
+        # readers see a consistent WAL snapshot without blocking it.
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine

@@ -1,0 +1,285 @@
+"""Repository over the schema: the statements the engine runs, on SQLAlchemy Core.
+
+All methods are synchronous and take an open connection, so the caller decides what shares one
+transaction (the engine puts a whole batch of events in one). Hot-path writes go through `write`,
+which issues one executemany per kind of change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Row, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.database import create_database_engines
+from storage.schema import (
+    CANCELLED,
+    CLAIMED,
+    DONE,
+    QUEUED,
+    metadata,
+    node_histories,
+    node_states,
+    pipelines,
+    tasks,
+)
+
+
+@dataclass
+class WriteSet:
+    """Everything one batch changes; written with one statement per list."""
+
+    new_pipelines: list[dict[str, Any]] = field(default_factory=list)
+    pipeline_updates: list[dict[str, Any]] = field(default_factory=list)
+    node_upserts: list[dict[str, Any]] = field(default_factory=list)
+    history_inserts: list[dict[str, Any]] = field(default_factory=list)
+    task_inserts: list[dict[str, Any]] = field(default_factory=list)
+    # {"id", "completed_claim"}: a claimed task whose result was applied.
+    task_completions: list[dict[str, Any]] = field(default_factory=list)
+    # {"pipeline_id", "node_id", "node_version", "reason"}: open tasks of a node attempt to withdraw.
+    task_cancels: list[dict[str, Any]] = field(default_factory=list)
+    # {"id", "claim_no", "lease_deadline"}
+    lease_extensions: list[dict[str, Any]] = field(default_factory=list)
+    # {"id", "claim_no"}: claimed tasks that never reached a worker (the poll was gone).
+    task_releases: list[dict[str, Any]] = field(default_factory=list)
+
+
+TASK_COLUMNS = (
+    tasks.c.id,
+    tasks.c.pipeline_id,
+    tasks.c.node_id,
+    tasks.c.node_version,
+    tasks.c.kind,
+    tasks.c.component_code,
+    tasks.c.component_version,
+    tasks.c.status,
+    tasks.c.available_at,
+    tasks.c.lease_deadline,
+    tasks.c.claim_no,
+    tasks.c.claim_secret,
+    tasks.c.completed_claim,
+    tasks.c.cancel_reason,
+    tasks.c.inputs_json,
+    tasks.c.outputs_json,
+    tasks.c.callback_data_json,
+    tasks.c.loop,
+    tasks.c.inner_loop,
+    tasks.c.retry,
+    tasks.c.schedule_times,
+)
+
+
+class Store:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "FULL", pool_size: int = 8) -> None:
+        self.writer, self.reader = create_database_engines(
+            url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
+        )
+        self.dialect = self.writer.dialect.name
+        self._node_upsert = self._build_node_upsert()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    def create_schema(self) -> None:
+        metadata.create_all(self.writer)
+
+    def dispose(self) -> None:
+        self.writer.dispose()
+        if self.reader is not self.writer:
+            self.reader.dispose()
+
+    def _build_node_upsert(self) -> Any:
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = insert(node_states)
+        updated = {c.name: statement.excluded[c.name] for c in node_states.c if not c.primary_key}
+        return statement.on_conflict_do_update(index_elements=["pipeline_id", "node_id"], set_=updated)
+
+    # ------------------------------------------------------------ pipelines
+
+    def pipeline_versions(self, conn: Connection, pipeline_ids: Iterable[str]) -> dict[str, int]:
+        """Current row versions, locking the rows on PostgreSQL so replicas apply changes one at a time."""
+        ids = sorted(set(pipeline_ids))
+        if not ids:
+            return {}
+        query = select(pipelines.c.id, pipelines.c.row_version).where(pipelines.c.id.in_(ids)).order_by(pipelines.c.id)
+        if not self.is_sqlite:
+            query = query.with_for_update()
+        return {row.id: row.row_version for row in conn.execute(query)}
+
+    def load_pipeline(self, conn: Connection, pipeline_id: str) -> Row[Any] | None:
+        return conn.execute(select(pipelines).where(pipelines.c.id == pipeline_id)).first()
+
+    def load_nodes(self, conn: Connection, pipeline_id: str) -> Sequence[Row[Any]]:
+        return conn.execute(select(node_states).where(node_states.c.pipeline_id == pipeline_id)).all()
+
+    def existing_pipeline_ids(self, conn: Connection, pipeline_ids: Iterable[str]) -> set[str]:
+        ids = list(set(pipeline_ids))
+        if not ids:
+            return set()
+        return set(conn.scalars(select(pipelines.c.id).where(pipelines.c.id.in_(ids))))
+
+    def pipelines_by_idempotency_key(self, conn: Connection, keys: Iterable[str]) -> dict[str, str]:
+        keys = list(set(keys))
+        if not keys:
+            return {}
+        rows = conn.execute(
+            select(pipelines.c.idempotency_key, pipelines.c.id).where(pipelines.c.idempotency_key.in_(keys))
+        )
+        return {row.idempotency_key: row.id for row in rows}
+
+    def list_pipelines(
+        self, conn: Connection, *, states: Sequence[str], limit: int, after: tuple[int, str] | None
+    ) -> Sequence[Row[Any]]:
+        query = select(
+            pipelines.c.id,
+            pipelines.c.name,
+            pipelines.c.state,
+            pipelines.c.created_at,
+            pipelines.c.finished_at,
+        )
+        if states:
+            query = query.where(pipelines.c.state.in_(list(states)))
+        if after is not None:
+            created_at, pipeline_id = after
+            query = query.where(
+                (pipelines.c.created_at > created_at)
+                | ((pipelines.c.created_at == created_at) & (pipelines.c.id > pipeline_id))
+            )
+        return conn.execute(query.order_by(pipelines.c.created_at, pipelines.c.id).limit(limit)).all()
+
+    def load_histories(self, conn: Connection, pipeline_id: str, node_id: str) -> Sequence[Row[Any]]:
+        return conn.execute(
+            select(node_histories)
+            .where(node_histories.c.pipeline_id == pipeline_id, node_histories.c.node_id == node_id)
+            .order_by(node_histories.c.id)
+        ).all()
+
+    # ------------------------------------------------------------ tasks
+
+    def load_tasks(self, conn: Connection, task_ids: Iterable[str]) -> dict[str, Row[Any]]:
+        ids = list(set(task_ids))
+        if not ids:
+            return {}
+        return {row.id: row for row in conn.execute(select(*TASK_COLUMNS).where(tasks.c.id.in_(ids)))}
+
+    def claim(
+        self,
+        conn: Connection,
+        *,
+        codes: Sequence[str],
+        limit: int,
+        now: int,
+        lease_deadline: int,
+        worker_id: str,
+        secret: str,
+    ) -> list[Row[Any]]:
+        """Claims up to `limit` available tasks of these codes, oldest first.
+
+        PostgreSQL skips rows other replicas hold locked (FOR UPDATE SKIP LOCKED); SQLite has one writer.
+        """
+        candidates = (
+            select(tasks.c.id)
+            .where(tasks.c.status == QUEUED, tasks.c.component_code.in_(list(codes)), tasks.c.available_at <= now)
+            .order_by(tasks.c.available_at)
+            .limit(limit)
+        )
+        if not self.is_sqlite:
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            update(tasks)
+            .where(tasks.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                status=CLAIMED,
+                claim_no=tasks.c.claim_no + 1,
+                claim_secret=secret,
+                worker_id=worker_id,
+                lease_deadline=lease_deadline,
+            )
+            .returning(*TASK_COLUMNS)
+        )
+        rows = list(conn.execute(statement))
+        rows.sort(key=lambda row: row.available_at)
+        return rows
+
+    def requeue_expired_leases(self, conn: Connection, now: int) -> list[str]:
+        """Offers again every claimed task whose lease ran out; returns their component codes."""
+        statement = (
+            update(tasks)
+            .where(tasks.c.status == CLAIMED, tasks.c.lease_deadline < now)
+            .values(status=QUEUED, available_at=now, worker_id="")
+            .returning(tasks.c.component_code)
+        )
+        return [row.component_code for row in conn.execute(statement)]
+
+    def earliest_pending_task(self, conn: Connection) -> int | None:
+        earliest: int | None = conn.scalar(select(func.min(tasks.c.available_at)).where(tasks.c.status == QUEUED))
+        return earliest
+
+    # ------------------------------------------------------------ the batch write
+
+    def write(self, conn: Connection, changes: WriteSet) -> None:
+        if changes.new_pipelines:
+            conn.execute(pipelines.insert(), changes.new_pipelines)
+        if changes.pipeline_updates:
+            conn.execute(
+                update(pipelines)
+                .where(pipelines.c.id == bindparam("b_id"))
+                .values(
+                    state=bindparam("state"),
+                    row_version=bindparam("row_version"),
+                    version_seq=bindparam("version_seq"),
+                    finished_at=bindparam("finished_at"),
+                ),
+                changes.pipeline_updates,
+            )
+        if changes.node_upserts:
+            conn.execute(self._node_upsert, changes.node_upserts)
+        if changes.history_inserts:
+            conn.execute(node_histories.insert(), changes.history_inserts)
+        if changes.task_completions:
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.id == bindparam("b_id"))
+                .values(status=DONE, completed_claim=bindparam("completed_claim")),
+                changes.task_completions,
+            )
+        if changes.task_cancels:
+            conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.pipeline_id == bindparam("b_pipeline_id"),
+                    tasks.c.node_id == bindparam("b_node_id"),
+                    tasks.c.node_version == bindparam("b_node_version"),
+                    tasks.c.status.in_([QUEUED, CLAIMED]),
+                )
+                .values(status=CANCELLED, cancel_reason=bindparam("reason")),
+                changes.task_cancels,
+            )
+        if changes.task_inserts:
+            conn.execute(tasks.insert(), changes.task_inserts)
+        if changes.lease_extensions:
+            conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.id == bindparam("b_id"),
+                    tasks.c.claim_no == bindparam("b_claim_no"),
+                    tasks.c.status == CLAIMED,
+                )
+                .values(lease_deadline=bindparam("lease_deadline")),
+                changes.lease_extensions,
+            )
+        if changes.task_releases:
+            conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.id == bindparam("b_id"),
+                    tasks.c.claim_no == bindparam("b_claim_no"),
+                    tasks.c.status == CLAIMED,
+                )
+                .values(status=QUEUED, claim_no=tasks.c.claim_no - 1, lease_deadline=0, worker_id=""),
+                changes.task_releases,
+            )

@@ -1,0 +1,91 @@
+"""A worker process for end-to-end tests: `python -m tests.support.workers --target ADDR CODE...`.
+
+Each component appends one JSON line per execution to $WORKER_RECORD_FILE (when set), so tests can count
+executions and attempts across processes and kills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from worker_sdk import Worker, component, current_task
+
+
+def _record(**extra: Any) -> None:
+    path = os.environ.get("WORKER_RECORD_FILE")
+    if not path:
+        return
+    task = current_task()
+    line = {
+        "pid": os.getpid(),
+        "task_id": task.task_id,
+        "pipeline_id": task.pipeline_id,
+        "node_id": task.node_id,
+        "version": task.node_version,
+        "attempt": task.attempt,
+        **extra,
+    }
+    with open(path, "a", encoding="utf-8") as file:
+        file.write(json.dumps(line) + "\n")
+
+
+@component("echo")
+def echo(**inputs: Any) -> dict[str, Any]:
+    """Returns its inputs (without the engine's _loop counters) under "echo"."""
+    _record()
+    return {"echo": {k: v for k, v in inputs.items() if not k.startswith("_")}, "pid": os.getpid()}
+
+
+@component("add")
+def add(a: int, b: int) -> dict[str, Any]:
+    _record()
+    return {"sum": a + b}
+
+
+@component("boom")
+def boom(message: str = "boom") -> dict[str, Any]:
+    _record()
+    raise ValueError(message)
+
+
+@component("sleep")
+def sleep(seconds: float = 1.0, first_attempt_only: bool = False) -> dict[str, Any]:
+    """Sleeps, watching for cancellation; with first_attempt_only, later attempts return at once."""
+    task = current_task()
+    _record(event="started")
+    if not (first_attempt_only and task.attempt > 1):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            task.raise_if_cancelled()
+            time.sleep(0.05)
+    _record(event="finished")
+    return {"slept": seconds, "attempt": task.attempt}
+
+
+COMPONENTS = {c.code: c for c in (echo, add, boom, sleep)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("codes", nargs="+", choices=sorted(COMPONENTS))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = Worker(
+        args.target,
+        [COMPONENTS[code] for code in args.codes],
+        concurrency=args.concurrency,
+        poll_wait_ms=5000,
+        max_reconnect_backoff=1.0,
+    )
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()

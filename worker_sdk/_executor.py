@@ -1,0 +1,357 @@
+"""Runs claimed tasks and reports their results.
+
+A plain component runs on a thread of the worker's pool; an ``async def`` one runs on the worker's
+event loop thread, and only its report goes through the pool. Either way a task holds one slot
+from claim to report, so the worker never has more than `concurrency` tasks in flight.
+
+Reports survive short outages: transient errors are retried with backoff for a bounded time. A
+refused token (FAILED_PRECONDITION) means another attempt owns the node now, so the result is
+dropped without retrying, as the protocol asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from worker_sdk._backoff import Backoff
+from worker_sdk._heartbeat import HeartbeatManager
+from worker_sdk._models import Task
+from worker_sdk._transport import WorkerTransport
+from worker_sdk.component import (
+    AwaitCallback,
+    Component,
+    Done,
+    Failure,
+    Outcome,
+    PollAgain,
+    format_exception,
+    invoke,
+    invoke_async,
+)
+from worker_sdk.context import TaskContext
+from worker_sdk.errors import EngineError, FailedPrecondition, InvalidArgument, NotFound, is_transient
+
+logger = logging.getLogger("worker_sdk")
+
+T = TypeVar("T")
+
+# Kept short so that a message refused as too large still reaches the engine in some form.
+_TRUNCATED_MESSAGE_CHARS = 2000
+
+
+class EventLoopThread:
+    """An asyncio loop on its own daemon thread, for ``async def`` components."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="worker_sdk-asyncio", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:
+            return  # closed meanwhile
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Components still running past the shutdown grace are cancelled, not left pending.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+
+@dataclass(eq=False)
+class _Running:
+    task: Task
+    ctx: TaskContext
+    component: Component | None
+    cancel_coroutine: Callable[[], None] | None = None
+
+
+class TaskExecutor:
+    def __init__(
+        self,
+        *,
+        components: Mapping[tuple[str, str], Component],
+        transport: WorkerTransport,
+        heartbeats: HeartbeatManager,
+        pool: concurrent.futures.Executor,
+        event_loop: EventLoopThread | None,
+        worker_id: str,
+        rpc_timeout: float,
+        report_timeout: float,
+        on_finished: Callable[[], None],
+    ) -> None:
+        self._components = components
+        self._transport = transport
+        self._heartbeats = heartbeats
+        self._pool = pool
+        self._event_loop = event_loop
+        self._worker_id = worker_id
+        self._rpc_timeout = rpc_timeout
+        self._report_timeout = report_timeout
+        self._on_finished = on_finished
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        # Set when the shutdown grace is over: reports stop retrying and results are dropped.
+        self._abandoned = threading.Event()
+
+    # --- dispatch ----------------------------------------------------------------------------------
+
+    def submit(self, task: Task) -> None:
+        """Starts running a claimed task; `on_finished` is called once it is reported or dropped."""
+        component = self._components.get((task.component_code, task.component_version))
+        running = _Running(task=task, ctx=self._context_for(task), component=component)
+        with self._lock:
+            self._running[task.token] = running
+        logger.debug("claimed %s (attempt %d, %s)", task.describe(), task.attempt, task.kind.value)
+        try:
+            if component is not None and task.payload_error is None and component.is_async(task.kind):
+                if self._event_loop is None:
+                    raise RuntimeError("no event loop for an async component")  # guarded by Worker
+                self._event_loop.submit(self._run_async(running, component))
+            else:
+                self._pool.submit(self._run_sync, running)
+        except RuntimeError:
+            # The pool or loop is already shut down: the lease will expire and the task be re-offered.
+            logger.warning("%s arrived while shutting down; leaving it to another worker", task.describe())
+            self._finish(running)
+
+    def abandon(self) -> int:
+        """Gives up on tasks still running after the shutdown grace; returns how many there were.
+
+        They are told to cancel and their results are dropped; their leases expire and the engine
+        offers them to another worker.
+        """
+        self._abandoned.set()
+        with self._lock:
+            remaining = list(self._running.values())
+        for running in remaining:
+            running.ctx.cancelled.set()
+            if running.cancel_coroutine is not None:
+                running.cancel_coroutine()
+        return len(remaining)
+
+    def _context_for(self, task: Task) -> TaskContext:
+        lease_deadline = (
+            datetime.fromtimestamp(task.lease_deadline, tz=UTC) if task.lease_deadline is not None else None
+        )
+        return TaskContext(
+            task_id=task.task_id,
+            pipeline_id=task.pipeline_id,
+            node_id=task.node_id,
+            node_version=task.node_version,
+            component_code=task.component_code,
+            component_version=task.component_version,
+            kind=task.kind,
+            attempt=task.attempt,
+            loop=task.loop,
+            inner_loop=task.inner_loop,
+            retry=task.retry,
+            schedule_times=task.schedule_times,
+            inputs=MappingProxyType(dict(task.inputs)),
+            callback_data=task.callback_data,
+            outputs=MappingProxyType(dict(task.outputs)),
+            lease_deadline=lease_deadline,
+            on_heartbeat=functools.partial(self._heartbeats.request, task.token),
+        )
+
+    def _refusal(self, running: _Running) -> Failure | None:
+        """Why the task cannot run at all on this worker, if it cannot."""
+        task = running.task
+        if task.payload_error is not None:
+            return Failure(f"ValueError: the task's payload could not be read: {task.payload_error}")
+        if running.component is None:
+            versions = sorted(version for code, version in self._components if code == task.component_code)
+            served = ", ".join(repr(version) for version in versions) or "none"
+            return Failure(
+                f"LookupError: worker {self._worker_id} has no component {task.component_code!r} "
+                f"version {task.component_version!r} (versions served: {served})"
+            )
+        return None
+
+    def _run_sync(self, running: _Running) -> None:
+        try:
+            outcome: Outcome | None = self._refusal(running)
+            if outcome is None and running.component is not None:
+                self._heartbeats.track(running.task, running.ctx)
+                try:
+                    outcome = invoke(running.component, running.ctx)
+                finally:
+                    self._heartbeats.untrack(running.task.token)
+            if outcome is not None:
+                self._report(running, outcome)
+        except Exception:
+            logger.exception("internal error while handling %s", running.task.describe())
+        finally:
+            self._finish(running)
+
+    async def _run_async(self, running: _Running, component: Component) -> None:
+        loop = asyncio.get_running_loop()
+        this_task = asyncio.current_task()
+        if this_task is not None:
+            coroutine_task = this_task
+
+            def cancel_coroutine() -> None:
+                loop.call_soon_threadsafe(coroutine_task.cancel)
+
+            running.cancel_coroutine = cancel_coroutine
+        try:
+            self._heartbeats.track(running.task, running.ctx, on_cancel=running.cancel_coroutine)
+            try:
+                outcome = await invoke_async(component, running.ctx)
+            finally:
+                self._heartbeats.untrack(running.task.token)
+            await loop.run_in_executor(self._pool, self._report, running, outcome)
+        except asyncio.CancelledError:
+            if not running.ctx.cancelled.is_set():
+                raise  # the loop itself is closing
+            logger.info("%s was cancelled; result dropped", running.task.describe())
+        except Exception:
+            logger.exception("internal error while handling %s", running.task.describe())
+        finally:
+            self._finish(running)
+
+    def _finish(self, running: _Running) -> None:
+        with self._lock:
+            known = self._running.pop(running.task.token, None) is not None
+        if known:
+            self._on_finished()
+
+    # --- reporting ---------------------------------------------------------------------------------
+
+    def _report(self, running: _Running, outcome: Outcome) -> None:
+        task = running.task
+        if running.ctx.cancelled.is_set():
+            logger.info("%s was cancelled; result dropped", task.describe())
+            return
+        if isinstance(outcome, Failure):
+            self._report_failure(running, outcome)
+            return
+        poll_after_ms = outcome.after_ms if isinstance(outcome, PollAgain) else 0
+        await_callback = isinstance(outcome, AwaitCallback)
+        try:
+            delivered = self._deliver(
+                task,
+                "completion",
+                lambda timeout: self._transport.complete_task(
+                    task.token,
+                    outputs=outcome.outputs,
+                    poll_after_ms=poll_after_ms,
+                    await_callback=await_callback,
+                    timeout=timeout,
+                ),
+            )
+        except (TypeError, ValueError) as error:
+            self._report_failure(
+                running, Failure(f"the outputs are not JSON-serialisable: {format_exception(error)}", exception=error)
+            )
+            return
+        except InvalidArgument as error:
+            self._report_failure(running, Failure(f"the engine refused the outputs: {error.message}"))
+            return
+        if delivered is not None:
+            what = "done" if isinstance(outcome, Done) else "poll again" if poll_after_ms else "await callback"
+            logger.debug("reported %s: %s", task.describe(), what)
+
+    def _report_failure(self, running: _Running, failure: Failure) -> None:
+        task = running.task
+        logger.info(
+            "%s failed%s: %s",
+            task.describe(),
+            " (retryable)" if failure.retryable else "",
+            failure.message,
+            exc_info=failure.exception,
+        )
+
+        def send(message: str) -> Callable[[float], object]:
+            return lambda timeout: self._transport.fail_task(
+                task.token,
+                error_message=message,
+                retryable=failure.retryable,
+                retry_after_ms=failure.retry_after_ms,
+                timeout=timeout,
+            )
+
+        try:
+            self._deliver(task, "failure", send(failure.message))
+        except InvalidArgument as error:
+            if len(failure.message) <= _TRUNCATED_MESSAGE_CHARS:
+                logger.error("the engine refused the failure of %s: %s; dropped", task.describe(), error)
+                return
+            shortened = failure.message[:_TRUNCATED_MESSAGE_CHARS] + " ... (truncated)"
+            try:
+                self._deliver(task, "failure", send(shortened))
+            except InvalidArgument as second_error:
+                logger.error("the engine refused the failure of %s: %s; dropped", task.describe(), second_error)
+
+    def _deliver(self, task: Task, what: str, call: Callable[[float], T]) -> T | None:
+        """Sends one report, retrying transient errors; None if it was dropped.
+
+        Raises InvalidArgument (the caller can send something smaller), and whatever `call` raises
+        before reaching the network (such as a JSON encoding error).
+        """
+        deadline = time.monotonic() + self._report_timeout
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return call(max(0.1, min(self._rpc_timeout, remaining)))
+            except FailedPrecondition as error:
+                logger.info("%s: stale token, result dropped (%s)", task.describe(), error.message)
+                return None
+            except NotFound as error:
+                logger.warning("%s: the engine no longer knows it, result dropped (%s)", task.describe(), error)
+                return None
+            except InvalidArgument:
+                raise
+            except EngineError as error:
+                if self._abandoned.is_set():
+                    logger.warning("%s: shutting down, %s not sent (%s)", task.describe(), what, error)
+                    return None
+                if not is_transient(error):
+                    logger.error("%s: sending the %s failed: %s; dropped", task.describe(), what, error)
+                    return None
+                delay = backoff.next_delay()
+                if time.monotonic() + delay > deadline:
+                    logger.error(
+                        "%s: gave up sending the %s after %.0f s (%s); the engine will offer the task "
+                        "again when its lease expires",
+                        task.describe(),
+                        what,
+                        self._report_timeout,
+                        error,
+                    )
+                    return None
+                logger.warning(
+                    "%s: sending the %s failed (%s); retrying in %.1f s", task.describe(), what, error, delay
+                )
+                if self._abandoned.wait(delay):
+                    logger.warning("%s: shutting down, %s not sent", task.describe(), what)
+                    return None

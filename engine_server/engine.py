@@ -45,13 +45,14 @@ from engine_server.errors import (
     AlreadyExists,
     EngineError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
 from engine_server.records import SpecCache, dumps, history_row, node_from_row, node_row, snapshot_from_rows
 from engine_server.settings import Settings
-from storage.schema import CANCELLED, DONE, EXECUTE, QUEUED, SCHEDULE
+from storage.schema import CANCELLED, COMPLETED, DONE, EXECUTE, FAILED, QUEUED, SCHEDULE
 from storage.store import Store, WriteSet
 
 log = logging.getLogger("engine_server.engine")
@@ -160,6 +161,7 @@ class _Report(_Op):
 @dataclass(eq=False)
 class _Heartbeat(_Op):
     token: TaskToken
+    progress_json: str
 
 
 @dataclass(eq=False)
@@ -313,8 +315,8 @@ class Engine:
         result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=True))
         return result
 
-    async def heartbeat(self, token: str) -> HeartbeatResult:
-        result: HeartbeatResult = await self._submit(_Heartbeat(TaskToken.parse(token)))
+    async def heartbeat(self, token: str, progress_json: str = "") -> HeartbeatResult:
+        result: HeartbeatResult = await self._submit(_Heartbeat(TaskToken.parse(token), progress_json))
         return result
 
     async def poll_tasks(self, worker_id: str, codes: Sequence[str], max_tasks: int, wait_ms: int) -> list[ClaimedTask]:
@@ -556,8 +558,8 @@ class _Batch:
         self.dirty: set[str] = set()
         self.nodes: dict[tuple[str, str], dict[str, Any]] = {}
         self.task_inserts: dict[str, dict[str, Any]] = {}
-        # Task status as this batch has changed it: task_id -> (status, completed_claim)
-        self.task_status: dict[str, tuple[int, int]] = {}
+        # Task status as this batch has changed it: task_id -> (status, completed_claim, result_kind)
+        self.task_status: dict[str, tuple[int, int, int]] = {}
         self.enqueued_codes: set[str] = set()
         self.next_due_at: int | None = None
 
@@ -587,6 +589,10 @@ class _Batch:
                         raise AssertionError(f"unknown operation {op!r}")
                 except EngineError as exc:
                     outcomes.append(exc)
+                except Exception:
+                    # decide() is pure, so a bug in it leaves nothing half-applied: fail this op only.
+                    log.exception("operation %r failed", op)
+                    outcomes.append(Internal("the engine failed to apply this operation; see the server log"))
             self.writes.task_releases = [{"b_id": t.task_id, "b_claim_no": t.attempt} for t in releases]
             self._flush(conn)
             requeued = set(self.store.requeue_expired_leases(conn, self.now)) if reap else set()
@@ -650,11 +656,13 @@ class _Batch:
         self._apply(op.pipeline_id, decision)
         return op.pipeline_id, True
 
-    def _check_token(self, token: TaskToken, row: Any) -> tuple[int, int]:
-        """Returns the task's (status, completed_claim) if the token is the task's current claim."""
+    def _check_token(self, token: TaskToken, row: Any) -> tuple[int, int, int]:
+        """Returns the task's (status, completed_claim, result_kind) if the token is the task's current claim."""
         if row is None:
             raise NotFound(f"task {token.task_id!r} does not exist (was its pipeline purged?)")
-        status, completed_claim = self.task_status.get(row.id, (row.status, row.completed_claim))
+        status, completed_claim, result_kind = self.task_status.get(
+            row.id, (row.status, row.completed_claim, row.result_kind)
+        )
         if token.claim_no != row.claim_no or not secrets.compare_digest(token.secret, row.claim_secret):
             raise FailedPrecondition(
                 f"stale task token for node {row.node_id!r}: it is for claim {token.claim_no}, but the task has "
@@ -665,14 +673,18 @@ class _Batch:
                 f"the lease of task {row.id!r} (node {row.node_id!r}) expired and the task is being offered again; "
                 "drop this result"
             )
-        return status, completed_claim
+        return status, completed_claim, result_kind
 
     def _report(self, op: _Report, row: Any) -> ReportResult:
-        status, completed_claim = self._check_token(op.token, row)
+        status, completed_claim, result_kind = self._check_token(op.token, row)
+        kind = FAILED if op.is_failure else COMPLETED
         if status == DONE:
-            if completed_claim == op.token.claim_no:
+            if completed_claim == op.token.claim_no and result_kind == kind:
                 return ReportResult(duplicate=True)
-            raise FailedPrecondition(f"task {row.id!r} was already completed by another claim")
+            ended = "failed" if result_kind == FAILED else "completed"
+            raise FailedPrecondition(
+                f"task {row.id!r} of node {row.node_id!r} has already {ended}; this report is refused"
+            )
         if status == CANCELLED:
             raise FailedPrecondition(f"task {row.id!r} was cancelled ({row.cancel_reason}); its result is refused")
         cached = self.working.get(row.pipeline_id)
@@ -681,8 +693,8 @@ class _Batch:
         decision = decide(cached.snapshot, op.event(row.node_id, row.node_version), self.now)
         if decision.rejection is not None:
             raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
-        self.task_status[row.id] = (DONE, op.token.claim_no)
-        self.writes.task_completions.append({"b_id": row.id, "completed_claim": op.token.claim_no})
+        self.task_status[row.id] = (DONE, op.token.claim_no, kind)
+        self.writes.task_completions.append({"b_id": row.id, "completed_claim": op.token.claim_no, "result_kind": kind})
         self._apply(row.pipeline_id, decision)
         will_retry = op.is_failure and any(
             isinstance(c, OfferTask) and c.node_id == row.node_id for c in decision.commands
@@ -690,14 +702,19 @@ class _Batch:
         return ReportResult(duplicate=False, will_retry=will_retry)
 
     def _heartbeat(self, op: _Heartbeat, row: Any) -> HeartbeatResult:
-        status, _ = self._check_token(op.token, row)
+        status, _, _ = self._check_token(op.token, row)
         if status == CANCELLED:
             return HeartbeatResult(0, True, row.cancel_reason)
         if status == DONE:
             raise FailedPrecondition(f"task {row.id!r} is already completed; stop heartbeating it")
         deadline = self.now + self.settings.lease_ms
         self.writes.lease_extensions.append(
-            {"b_id": row.id, "b_claim_no": op.token.claim_no, "lease_deadline": deadline}
+            {
+                "b_id": row.id,
+                "b_claim_no": op.token.claim_no,
+                "lease_deadline": deadline,
+                "progress_json": op.progress_json or row.progress_json,
+            }
         )
         return HeartbeatResult(deadline, False)
 
@@ -742,6 +759,7 @@ class _Batch:
             "inputs_json": inputs_json,
             "outputs_json": dumps(command.outputs),
             "callback_data_json": "" if command.callback_data is None else dumps(command.callback_data),
+            "progress_json": "",
             "loop": command.loop,
             "inner_loop": command.inner_loop,
             "retry": command.retry,

@@ -31,6 +31,10 @@ class Unavailable(EngineError):
     pass
 
 
+class Internal(EngineError):
+    """A bug: the engine could not apply an operation. Other operations of the batch are unaffected."""
+
+
 REJECTION_ERRORS: dict[str, type[EngineError]] = {
     "failed_precondition": FailedPrecondition,
     "not_found": NotFound,

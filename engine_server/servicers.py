@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from engine_server.errors import (
     AlreadyExists,
     EngineError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -37,6 +39,7 @@ STATUS_CODES: dict[type[EngineError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Internal: grpc.StatusCode.INTERNAL,
 }
 
 Request = TypeVar("Request")
@@ -81,6 +84,13 @@ class Limits:
                 f"{what} is {size} bytes, over the server's limit of {self.settings.max_payload_bytes} bytes "
                 "(--max-payload-bytes)"
             )
+
+    def json_value(self, text: str, what: str) -> Any:
+        self.payload(text, what)
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
 
     def json_object(self, text: str, what: str) -> dict[str, Any]:
         self.payload(text, what)
@@ -253,7 +263,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.HeartbeatResponse:
         self.limits.payload(request.progress_json, "progress_json")
-        result = await self.engine.heartbeat(_required(request.token, "token"))
+        if request.progress_json:
+            self.limits.json_value(request.progress_json, "progress_json")
+        result = await self.engine.heartbeat(_required(request.token, "token"), request.progress_json)
         return worker_pb2.HeartbeatResponse(
             lease_deadline_unix_ms=result.lease_deadline,
             cancel_requested=result.cancel_requested,

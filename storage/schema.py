@@ -93,6 +93,8 @@ node_histories = Table(
 
 # Task status values (small integers: the claim query filters on them constantly).
 QUEUED, CLAIMED, DONE, CANCELLED = 0, 1, 2, 3
+# How a claim's report ended.
+COMPLETED, FAILED = 1, 2
 # Task kinds, as in the protocol.
 EXECUTE, SCHEDULE = 1, 2
 
@@ -114,11 +116,15 @@ tasks = Table(
     Column("claim_secret", String(32), nullable=False, default=""),
     # The claim whose result was applied (a repeated report of that claim is harmless).
     Column("completed_claim", Integer, nullable=False, default=0),
+    # How that claim ended: COMPLETED or FAILED, so a contradicting second report is refused.
+    Column("result_kind", SmallInteger, nullable=False, default=0),
     Column("worker_id", String(255), nullable=False, default=""),
     Column("cancel_reason", String(255), nullable=False, default=""),
     Column("inputs_json", Text, nullable=False),
     Column("outputs_json", Text, nullable=False, default="{}"),
     Column("callback_data_json", Text, nullable=False, default=""),
+    # The worker's latest Heartbeat progress note (JSON), for operators.
+    Column("progress_json", Text, nullable=False, default=""),
     Column("loop", Integer, nullable=False, default=1),
     Column("inner_loop", Integer, nullable=False, default=1),
     Column("retry", Integer, nullable=False, default=0),

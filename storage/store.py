@@ -37,11 +37,11 @@ class WriteSet:
     node_upserts: list[dict[str, Any]] = field(default_factory=list)
     history_inserts: list[dict[str, Any]] = field(default_factory=list)
     task_inserts: list[dict[str, Any]] = field(default_factory=list)
-    # {"id", "completed_claim"}: a claimed task whose result was applied.
+    # {"b_id", "completed_claim", "result_kind"}: a claimed task whose result was applied.
     task_completions: list[dict[str, Any]] = field(default_factory=list)
     # {"pipeline_id", "node_id", "node_version", "reason"}: open tasks of a node attempt to withdraw.
     task_cancels: list[dict[str, Any]] = field(default_factory=list)
-    # {"id", "claim_no", "lease_deadline"}
+    # {"b_id", "b_claim_no", "lease_deadline", "progress_json"}
     lease_extensions: list[dict[str, Any]] = field(default_factory=list)
     # {"id", "claim_no"}: claimed tasks that never reached a worker (the poll was gone).
     task_releases: list[dict[str, Any]] = field(default_factory=list)
@@ -61,10 +61,12 @@ TASK_COLUMNS = (
     tasks.c.claim_no,
     tasks.c.claim_secret,
     tasks.c.completed_claim,
+    tasks.c.result_kind,
     tasks.c.cancel_reason,
     tasks.c.inputs_json,
     tasks.c.outputs_json,
     tasks.c.callback_data_json,
+    tasks.c.progress_json,
     tasks.c.loop,
     tasks.c.inner_loop,
     tasks.c.retry,
@@ -244,7 +246,9 @@ class Store:
             conn.execute(
                 update(tasks)
                 .where(tasks.c.id == bindparam("b_id"))
-                .values(status=DONE, completed_claim=bindparam("completed_claim")),
+                .values(
+                    status=DONE, completed_claim=bindparam("completed_claim"), result_kind=bindparam("result_kind")
+                ),
                 changes.task_completions,
             )
         if changes.task_cancels:
@@ -269,7 +273,7 @@ class Store:
                     tasks.c.claim_no == bindparam("b_claim_no"),
                     tasks.c.status == CLAIMED,
                 )
-                .values(lease_deadline=bindparam("lease_deadline")),
+                .values(lease_deadline=bindparam("lease_deadline"), progress_json=bindparam("progress_json")),
                 changes.lease_extensions,
             )
         if changes.task_releases:

@@ -184,7 +184,9 @@ class HeartbeatRequest(_message.Message):
     PROGRESS_JSON_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     progress_json: _builtins.str
-    """Optional progress note, JSON text, kept with the node for operators."""
+    """Optional progress note, JSON text (for example {"done": 40, "total": 100}); the latest one is kept
+    with the task for operators.
+    """
     def __init__(
         self,
         *,

@@ -211,6 +211,7 @@ class Engine:
         self._readers = ThreadPoolExecutor(4, thread_name_prefix="engine-read")
         # Touched only by the database thread.
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._writer_conn: Connection | None = None
         # Touched only by the event loop.
         self._ops: list[_Op] = []
         self._polls: dict[int, _Poll] = {}
@@ -249,6 +250,7 @@ class Engine:
         for poll in self._polls.values():
             if not poll.future.done():
                 poll.future.set_result([])
+        await asyncio.get_running_loop().run_in_executor(self._db, self._close_writer_connection)
         self._db.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.dispose()
@@ -505,14 +507,29 @@ class Engine:
     ) -> _BatchResult:
         for attempt in range(6):
             try:
-                return _Batch(self, now).run(ops, requests, releases, reap)
+                if self._writer_conn is None:
+                    # One long-lived connection: a pool checkout per batch costs more than the batch's SQL.
+                    self._writer_conn = self.store.writer.connect()
+                return _Batch(self, now).run(self._writer_conn, ops, requests, releases, reap)
             except (OperationalError, DBAPIError) as exc:
                 self._cache.clear()
+                self._discard_writer_connection()
                 if attempt == 5 or not _is_transient(exc):
                     raise
                 log.warning("database error, retrying the batch (%s): %s", attempt + 1, exc.orig or exc)
                 time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
+
+    def _discard_writer_connection(self) -> None:
+        if self._writer_conn is not None:
+            with contextlib.suppress(Exception):
+                self._writer_conn.invalidate()
+            self._writer_conn = None
+
+    def _close_writer_connection(self) -> None:
+        if self._writer_conn is not None:
+            self._writer_conn.close()
+            self._writer_conn = None
 
     def _cache_get(self, pipeline_id: str) -> _Cached | None:
         return self._cache.get(pipeline_id)
@@ -564,10 +581,15 @@ class _Batch:
         self.next_due_at: int | None = None
 
     def run(
-        self, ops: list[_Op], requests: list[_ClaimRequest], releases: list[ClaimedTask], reap: bool
+        self,
+        conn: Connection,
+        ops: list[_Op],
+        requests: list[_ClaimRequest],
+        releases: list[ClaimedTask],
+        reap: bool,
     ) -> _BatchResult:
         outcomes: list[Any] = []
-        with self.store.writer.begin() as conn:
+        with conn.begin():
             task_rows = self.store.load_tasks(
                 conn, [op.token.task_id for op in ops if isinstance(op, _Report | _Heartbeat)]
             )

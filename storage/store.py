@@ -11,8 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import BindParameter, Connection, Row, TextClause, bindparam, func, select, text, update
 
 from storage.database import create_database_engines
 from storage.schema import (
@@ -81,6 +80,7 @@ class Store:
         )
         self.dialect = self.writer.dialect.name
         self._node_upsert = self._build_node_upsert()
+        self._build_statements()
 
     @property
     def is_sqlite(self) -> bool:
@@ -94,11 +94,107 @@ class Store:
         if self.reader is not self.writer:
             self.reader.dispose()
 
-    def _build_node_upsert(self) -> Any:
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        statement = insert(node_states)
-        updated = {c.name: statement.excluded[c.name] for c in node_states.c if not c.primary_key}
-        return statement.on_conflict_do_update(index_elements=["pipeline_id", "node_id"], set_=updated)
+    def _build_node_upsert(self) -> TextClause:
+        """INSERT ... ON CONFLICT DO UPDATE, identical on SQLite and PostgreSQL.
+
+        Written as text because SQLAlchemy recompiles its dialect upsert constructs on every execution.
+        """
+        columns = [c.name for c in node_states.c]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if not node_states.c[c].primary_key)
+        return text(
+            f"INSERT INTO node_states ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)}) "
+            f"ON CONFLICT (pipeline_id, node_id) DO UPDATE SET {updates}"
+        )
+
+    def _build_statements(self) -> None:
+        """Hot-path statements are built once: SQLAlchemy then reuses their cache keys and compiled SQL."""
+        lock = not self.is_sqlite
+        ids: BindParameter[Any] = bindparam("ids", expanding=True)
+        versions = select(pipelines.c.id, pipelines.c.row_version).where(pipelines.c.id.in_(ids))
+        self._pipeline_versions = versions.order_by(pipelines.c.id).with_for_update() if lock else versions
+        self._load_pipeline = select(pipelines).where(pipelines.c.id == bindparam("id"))
+        self._load_nodes = select(node_states).where(node_states.c.pipeline_id == bindparam("id"))
+        self._existing_ids = select(pipelines.c.id).where(pipelines.c.id.in_(ids))
+        self._by_key = select(pipelines.c.idempotency_key, pipelines.c.id).where(
+            pipelines.c.idempotency_key.in_(bindparam("keys", expanding=True))
+        )
+        self._load_tasks = select(*TASK_COLUMNS).where(tasks.c.id.in_(ids))
+        candidates = (
+            select(tasks.c.id)
+            .where(
+                tasks.c.status == QUEUED,
+                tasks.c.component_code.in_(bindparam("codes", expanding=True)),
+                tasks.c.available_at <= bindparam("now"),
+            )
+            .order_by(tasks.c.available_at)
+            .limit(bindparam("limit"))
+        )
+        if lock:
+            candidates = candidates.with_for_update(skip_locked=True)
+        self._claim = (
+            update(tasks)
+            .where(tasks.c.id.in_(candidates.scalar_subquery()))
+            .values(
+                status=CLAIMED,
+                claim_no=tasks.c.claim_no + 1,
+                claim_secret=bindparam("secret"),
+                worker_id=bindparam("worker_id"),
+                lease_deadline=bindparam("lease_deadline"),
+            )
+            .returning(*TASK_COLUMNS)
+        )
+        self._requeue = (
+            update(tasks)
+            .where(tasks.c.status == CLAIMED, tasks.c.lease_deadline < bindparam("now"))
+            .values(status=QUEUED, available_at=bindparam("now"), worker_id="")
+            .returning(tasks.c.component_code)
+        )
+        self._update_pipeline = (
+            update(pipelines)
+            .where(pipelines.c.id == bindparam("b_id"))
+            .values(
+                state=bindparam("state"),
+                row_version=bindparam("row_version"),
+                version_seq=bindparam("version_seq"),
+                finished_at=bindparam("finished_at"),
+            )
+        )
+        self._complete_tasks = (
+            update(tasks)
+            .where(tasks.c.id == bindparam("b_id"))
+            .values(status=DONE, completed_claim=bindparam("completed_claim"), result_kind=bindparam("result_kind"))
+        )
+        self._cancel_tasks = (
+            update(tasks)
+            .where(
+                tasks.c.pipeline_id == bindparam("b_pipeline_id"),
+                tasks.c.node_id == bindparam("b_node_id"),
+                tasks.c.node_version == bindparam("b_node_version"),
+                tasks.c.status.in_([QUEUED, CLAIMED]),
+            )
+            .values(status=CANCELLED, cancel_reason=bindparam("reason"))
+        )
+        self._extend_leases = (
+            update(tasks)
+            .where(
+                tasks.c.id == bindparam("b_id"),
+                tasks.c.claim_no == bindparam("b_claim_no"),
+                tasks.c.status == CLAIMED,
+            )
+            .values(lease_deadline=bindparam("lease_deadline"), progress_json=bindparam("progress_json"))
+        )
+        self._release_tasks = (
+            update(tasks)
+            .where(
+                tasks.c.id == bindparam("b_id"),
+                tasks.c.claim_no == bindparam("b_claim_no"),
+                tasks.c.status == CLAIMED,
+            )
+            .values(status=QUEUED, claim_no=tasks.c.claim_no - 1, lease_deadline=0, worker_id="")
+        )
+        self._insert_pipelines = pipelines.insert()
+        self._insert_histories = node_histories.insert()
+        self._insert_tasks = tasks.insert()
 
     # ------------------------------------------------------------ pipelines
 
@@ -107,31 +203,25 @@ class Store:
         ids = sorted(set(pipeline_ids))
         if not ids:
             return {}
-        query = select(pipelines.c.id, pipelines.c.row_version).where(pipelines.c.id.in_(ids)).order_by(pipelines.c.id)
-        if not self.is_sqlite:
-            query = query.with_for_update()
-        return {row.id: row.row_version for row in conn.execute(query)}
+        return {row.id: row.row_version for row in conn.execute(self._pipeline_versions, {"ids": ids})}
 
     def load_pipeline(self, conn: Connection, pipeline_id: str) -> Row[Any] | None:
-        return conn.execute(select(pipelines).where(pipelines.c.id == pipeline_id)).first()
+        return conn.execute(self._load_pipeline, {"id": pipeline_id}).first()
 
     def load_nodes(self, conn: Connection, pipeline_id: str) -> Sequence[Row[Any]]:
-        return conn.execute(select(node_states).where(node_states.c.pipeline_id == pipeline_id)).all()
+        return conn.execute(self._load_nodes, {"id": pipeline_id}).all()
 
     def existing_pipeline_ids(self, conn: Connection, pipeline_ids: Iterable[str]) -> set[str]:
         ids = list(set(pipeline_ids))
         if not ids:
             return set()
-        return set(conn.scalars(select(pipelines.c.id).where(pipelines.c.id.in_(ids))))
+        return set(conn.scalars(self._existing_ids, {"ids": ids}))
 
     def pipelines_by_idempotency_key(self, conn: Connection, keys: Iterable[str]) -> dict[str, str]:
         keys = list(set(keys))
         if not keys:
             return {}
-        rows = conn.execute(
-            select(pipelines.c.idempotency_key, pipelines.c.id).where(pipelines.c.idempotency_key.in_(keys))
-        )
-        return {row.idempotency_key: row.id for row in rows}
+        return {row.idempotency_key: row.id for row in conn.execute(self._by_key, {"keys": keys})}
 
     def list_pipelines(
         self, conn: Connection, *, states: Sequence[str], limit: int, after: tuple[int, str] | None
@@ -166,7 +256,7 @@ class Store:
         ids = list(set(task_ids))
         if not ids:
             return {}
-        return {row.id: row for row in conn.execute(select(*TASK_COLUMNS).where(tasks.c.id.in_(ids)))}
+        return {row.id: row for row in conn.execute(self._load_tasks, {"ids": ids})}
 
     def claim(
         self,
@@ -183,39 +273,21 @@ class Store:
 
         PostgreSQL skips rows other replicas hold locked (FOR UPDATE SKIP LOCKED); SQLite has one writer.
         """
-        candidates = (
-            select(tasks.c.id)
-            .where(tasks.c.status == QUEUED, tasks.c.component_code.in_(list(codes)), tasks.c.available_at <= now)
-            .order_by(tasks.c.available_at)
-            .limit(limit)
-        )
-        if not self.is_sqlite:
-            candidates = candidates.with_for_update(skip_locked=True)
-        statement = (
-            update(tasks)
-            .where(tasks.c.id.in_(candidates.scalar_subquery()))
-            .values(
-                status=CLAIMED,
-                claim_no=tasks.c.claim_no + 1,
-                claim_secret=secret,
-                worker_id=worker_id,
-                lease_deadline=lease_deadline,
-            )
-            .returning(*TASK_COLUMNS)
-        )
-        rows = list(conn.execute(statement))
+        parameters = {
+            "codes": list(codes),
+            "now": now,
+            "limit": limit,
+            "secret": secret,
+            "worker_id": worker_id,
+            "lease_deadline": lease_deadline,
+        }
+        rows = list(conn.execute(self._claim, parameters))
         rows.sort(key=lambda row: row.available_at)
         return rows
 
     def requeue_expired_leases(self, conn: Connection, now: int) -> list[str]:
         """Offers again every claimed task whose lease ran out; returns their component codes."""
-        statement = (
-            update(tasks)
-            .where(tasks.c.status == CLAIMED, tasks.c.lease_deadline < now)
-            .values(status=QUEUED, available_at=now, worker_id="")
-            .returning(tasks.c.component_code)
-        )
-        return [row.component_code for row in conn.execute(statement)]
+        return [row.component_code for row in conn.execute(self._requeue, {"now": now})]
 
     def earliest_pending_task(self, conn: Connection) -> int | None:
         earliest: int | None = conn.scalar(select(func.min(tasks.c.available_at)).where(tasks.c.status == QUEUED))
@@ -224,66 +296,17 @@ class Store:
     # ------------------------------------------------------------ the batch write
 
     def write(self, conn: Connection, changes: WriteSet) -> None:
-        if changes.new_pipelines:
-            conn.execute(pipelines.insert(), changes.new_pipelines)
-        if changes.pipeline_updates:
-            conn.execute(
-                update(pipelines)
-                .where(pipelines.c.id == bindparam("b_id"))
-                .values(
-                    state=bindparam("state"),
-                    row_version=bindparam("row_version"),
-                    version_seq=bindparam("version_seq"),
-                    finished_at=bindparam("finished_at"),
-                ),
-                changes.pipeline_updates,
-            )
-        if changes.node_upserts:
-            conn.execute(self._node_upsert, changes.node_upserts)
-        if changes.history_inserts:
-            conn.execute(node_histories.insert(), changes.history_inserts)
-        if changes.task_completions:
-            conn.execute(
-                update(tasks)
-                .where(tasks.c.id == bindparam("b_id"))
-                .values(
-                    status=DONE, completed_claim=bindparam("completed_claim"), result_kind=bindparam("result_kind")
-                ),
-                changes.task_completions,
-            )
-        if changes.task_cancels:
-            conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.pipeline_id == bindparam("b_pipeline_id"),
-                    tasks.c.node_id == bindparam("b_node_id"),
-                    tasks.c.node_version == bindparam("b_node_version"),
-                    tasks.c.status.in_([QUEUED, CLAIMED]),
-                )
-                .values(status=CANCELLED, cancel_reason=bindparam("reason")),
-                changes.task_cancels,
-            )
-        if changes.task_inserts:
-            conn.execute(tasks.insert(), changes.task_inserts)
-        if changes.lease_extensions:
-            conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.id == bindparam("b_id"),
-                    tasks.c.claim_no == bindparam("b_claim_no"),
-                    tasks.c.status == CLAIMED,
-                )
-                .values(lease_deadline=bindparam("lease_deadline"), progress_json=bindparam("progress_json")),
-                changes.lease_extensions,
-            )
-        if changes.task_releases:
-            conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.id == bindparam("b_id"),
-                    tasks.c.claim_no == bindparam("b_claim_no"),
-                    tasks.c.status == CLAIMED,
-                )
-                .values(status=QUEUED, claim_no=tasks.c.claim_no - 1, lease_deadline=0, worker_id=""),
-                changes.task_releases,
-            )
+        for statement, rows in (
+            (self._insert_pipelines, changes.new_pipelines),
+            (self._update_pipeline, changes.pipeline_updates),
+            (self._node_upsert, changes.node_upserts),
+            (self._insert_histories, changes.history_inserts),
+            (self._complete_tasks, changes.task_completions),
+            # Cancels run before inserts: a task offered in the same batch is never withdrawn by mistake.
+            (self._cancel_tasks, changes.task_cancels),
+            (self._insert_tasks, changes.task_inserts),
+            (self._extend_leases, changes.lease_extensions),
+            (self._release_tasks, changes.task_releases),
+        ):
+            if rows:
+                conn.execute(statement, rows)

@@ -1,0 +1,173 @@
+"""`python -m bench`: run the benchmark scenarios against a real engine server and real workers.
+
+    python -m bench                                   # every scenario, 3 runs, fresh SQLite file
+    python -m bench --scenario chain-1000 --repeat 5
+    python -m bench --db postgresql://postgres@127.0.0.1:5432/postgres --json result.json
+
+Prints the JSON document on stdout and a summary table on stderr (progress goes there too), so
+`python -m bench > result.json` keeps both usable. See bench/README.md for what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.database import Database, fresh_database
+from bench.processes import EngineSetup, RunningEngine, running_engine
+from bench.report import machine_info, scenario_report, summary_table
+from bench.scenarios import SCENARIOS, RunResult, ScenarioContext
+
+# A tiny run of each chosen scenario before measuring, so the first measured run does not pay for
+# connection set-up, imports and cold caches.
+WARM_UP_SCALE = 0.01
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="a scenario to run (repeatable; default: all)",
+    )
+    parser.add_argument("--repeat", type=_positive_int, default=3, help="runs of each scenario (default 3)")
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="sqlite:////abs/path.db (must not exist yet) or postgresql://user@host:port/db, where a fresh "
+        "database is created for the run and dropped after (default: a new SQLite file in a temp dir)",
+    )
+    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--concurrency", type=_positive_int, default=8, help="tasks in flight per worker (default 8)")
+    parser.add_argument(
+        "--sqlite-synchronous",
+        type=str.upper,
+        choices=["FULL", "NORMAL"],
+        default="FULL",
+        help="SQLite commit durability: FULL (durable, default) or NORMAL",
+    )
+    parser.add_argument(
+        "--scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiply every workload size (default 1.0; e.g. 0.05 for a quick smoke run)",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON document to PATH")
+    parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_scenarios(engine: RunningEngine, names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+    measured = ScenarioContext(engine.address, args.scale, engine.check_alive)
+    warm_up = ScenarioContext(engine.address, WARM_UP_SCALE, engine.check_alive)
+    for name in names:
+        SCENARIOS[name].run(warm_up)
+    reports = {}
+    for name in names:
+        scenario = SCENARIOS[name]
+        runs: list[RunResult] = []
+        for number in range(1, args.repeat + 1):
+            result = scenario.run(measured)
+            runs.append(result)
+            latency = result.to_json()["latency"][scenario.headline_latency]
+            progress(
+                f"{name} run {number}/{args.repeat}: {result.wall_s:.2f} s, {result.tasks_per_s:.0f} tasks/s, "
+                f"{scenario.headline_latency} p50 {latency['p50_ms']:.1f} ms p99 {latency['p99_ms']:.1f} ms"
+            )
+        reports[name] = scenario_report(scenario, runs)
+    return reports
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    names = args.scenario or list(SCENARIOS)
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="engine-bench-") as temp, fresh_database(args.db, Path(temp)) as database:
+        setup = EngineSetup(
+            database_url=database.url,
+            workers=args.workers,
+            concurrency=args.concurrency,
+            sqlite_synchronous=args.sqlite_synchronous,
+            log_dir=Path(temp),
+        )
+        progress(f"starting the engine on {database.kind} with {args.workers} worker(s)")
+        with running_engine(setup) as engine:
+            scenarios = run_scenarios(engine, names, args)
+    return {
+        # Peers (a Celery runner, bamboo-engine) will report the same scenarios under their own name.
+        "system": "pipeline-engine",
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "database": _database_info(database, args.sqlite_synchronous),
+        "settings": {
+            "repeat": args.repeat,
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "scale": args.scale,
+        },
+        "scenarios": scenarios,
+    }
+
+
+def _database_info(database: Database, sqlite_synchronous: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"kind": database.kind, "server_version": database.server_version}
+    if database.kind == "sqlite":
+        info["sqlite_synchronous"] = sqlite_synchronous
+    return info
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through every `with`, so the server and workers are stopped and the
+    # PostgreSQL database is dropped, as on Ctrl-C.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for scenario in SCENARIOS.values():
+            print(f"{scenario.name}: {scenario.description}")
+        return 0
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    began = time.monotonic()
+    try:
+        document = benchmark(args)
+    except KeyboardInterrupt:
+        progress("interrupted: the engine and workers were stopped")
+        return 130
+    text = json.dumps(document, indent=2)
+    print(text, flush=True)
+    if args.json:
+        args.json.write_text(text + "\n")
+    progress(f"\n{summary_table(document)}\n(total {time.monotonic() - began:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

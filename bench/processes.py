@@ -1,0 +1,177 @@
+"""The processes under test: one engine server and N worker processes, each logging to its own file.
+
+`running_engine` starts them and always stops them again, also on Ctrl-C or an error: a benchmark
+must never leave a server holding a port or a database open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+_STOP_TIMEOUT = 15.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# The SDK logs this line just before its first poll: from then on the worker takes tasks.
+_WORKER_READY_LINE = " serving noop from "
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the benchmark dies, even by SIGKILL,
+    since outside the benchmark's process group nothing else would stop it."""
+    if sys.platform == "linux":
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _child_env() -> dict[str, str]:
+    # ENGINE_* variables of the caller's shell would silently change the server under test.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ENGINE_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ChildProcess:
+    """A Python module run as a child process, with stdout and stderr in `log_path`."""
+
+    def __init__(self, name: str, module_args: Sequence[str], log_path: Path) -> None:
+        self.name = name
+        self.command = [sys.executable, "-m", *module_args]
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                env=_child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own process group: Ctrl-C reaches only the benchmark, which then stops the
+                # children in order, instead of the server vanishing under a running scenario.
+                process_group=0,
+                preexec_fn=_die_with_parent,
+            )
+
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _wait_until_serving(server: ChildProcess, address: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.exited():
+            raise RuntimeError(f"the engine server exited at start:\n{server.log_tail()}")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+    raise RuntimeError(f"the engine server did not start within {timeout:g} s:\n{server.log_tail()}")
+
+
+def _wait_for_log_line(process: ChildProcess, needle: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.exited():
+            raise RuntimeError(f"{process.name} exited at start:\n{process.log_tail()}")
+        if process.log_path.exists() and needle in process.log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{process.name} was not ready within {timeout:g} s:\n{process.log_tail()}")
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    database_url: str
+    workers: int
+    concurrency: int
+    sqlite_synchronous: str
+    log_dir: Path
+
+
+@dataclass
+class RunningEngine:
+    address: str
+    server: ChildProcess
+    workers: list[ChildProcess]
+
+    def check_alive(self) -> None:
+        """Raises if a process died: a scenario would otherwise just wait for work nobody does."""
+        for process in (self.server, *self.workers):
+            if process.exited():
+                raise RuntimeError(f"{process.name} exited during the benchmark:\n{process.log_tail()}")
+
+
+@contextmanager
+def running_engine(setup: EngineSetup, *, start_timeout: float = 30.0) -> Iterator[RunningEngine]:
+    address = f"127.0.0.1:{free_port()}"
+    server = ChildProcess(
+        "engine server",
+        [
+            "engine_server",
+            "--listen",
+            address,
+            "--database-url",
+            setup.database_url,
+            "--sqlite-synchronous",
+            setup.sqlite_synchronous,
+        ],
+        setup.log_dir / "server.log",
+    )
+    workers = [
+        ChildProcess(
+            f"worker {n}",
+            ["bench.worker", "--target", address, "--concurrency", str(setup.concurrency)],
+            setup.log_dir / f"worker-{n}.log",
+        )
+        for n in range(setup.workers)
+    ]
+    with ExitStack() as stack:
+        # Registered before starting, so a failure or Ctrl-C half-way still stops what did start;
+        # workers are stopped first (they would only retry against a stopped server).
+        stack.callback(server.stop)
+        server.start()
+        _wait_until_serving(server, address, start_timeout)
+        for worker in workers:
+            stack.callback(worker.stop)
+            worker.start()
+        for worker in workers:
+            _wait_for_log_line(worker, _WORKER_READY_LINE, start_timeout)
+        yield RunningEngine(address, server, workers)

@@ -1,0 +1,103 @@
+"""What a scenario is: a name, a description, and a function that runs it once and returns figures.
+
+A scenario gets a `ScenarioContext` (where the engine is, how big to make the workload) and returns a
+`RunResult`; the runner repeats it and the report summarises the results. Scenarios only talk to the
+engine through the public SDK, as a user would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bench.stats import latency_summary
+from worker_sdk import EngineClient
+
+# States in which a pipeline may still change by itself (FAILED waits for a human: it is settled).
+UNSETTLED_STATES = ("RUNNING", "SUSPENDED")
+
+
+@dataclass(frozen=True)
+class ScenarioContext:
+    address: str
+    scale: float
+    """Multiplies the workload size (1.0: the documented size); smoke tests use a small fraction."""
+    check_alive: Callable[[], None]
+    """Raises if a server or worker process died, so a scenario never waits for a dead engine."""
+    timeout: float = 600.0
+
+    def scaled(self, size: int) -> int:
+        return max(1, round(size * self.scale))
+
+
+@dataclass
+class RunResult:
+    wall_s: float
+    tasks: int
+    latencies_ms: dict[str, list[float]]
+    """Named latency samples; the scenario's `headline_latency` one goes in the table."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Other figures worth keeping (e.g. how long the Start calls took)."""
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.wall_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wall_s": round(self.wall_s, 4),
+            "tasks": self.tasks,
+            "tasks_per_s": round(self.tasks_per_s, 2),
+            "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
+            **self.details,
+        }
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    headline_latency: str
+    """Which entry of `RunResult.latencies_ms` the summary table shows."""
+    run: Callable[[ScenarioContext], RunResult]
+
+
+def millis_between(earlier: datetime, later: datetime) -> float:
+    return (later - earlier).total_seconds() * 1000.0
+
+
+def wait_until_settled(
+    client: EngineClient,
+    pipeline_ids: Collection[str],
+    context: ScenarioContext,
+    *,
+    poll_interval: float,
+) -> None:
+    """Waits until none of `pipeline_ids` is RUNNING or SUSPENDED.
+
+    Listing unsettled pipelines is one cheap query however large the pipelines are, unlike reading
+    a big state tree; and as figures come from the engine's own timestamps, how often we look
+    changes only when the run ends, not what it reports.
+    """
+    waiting_for = set(pipeline_ids)
+    deadline = time.monotonic() + context.timeout
+    while True:
+        unsettled = {p["id"] for p in client.list_pipelines(UNSETTLED_STATES, page_size=1000)}
+        if not waiting_for & unsettled:
+            return
+        context.check_alive()
+        if time.monotonic() > deadline:
+            left = len(waiting_for & unsettled)
+            raise TimeoutError(f"{left} pipeline(s) still running after {context.timeout:g} s")
+        time.sleep(poll_interval)
+
+
+def require_finished(states: Iterable[tuple[str, str]]) -> None:
+    """Raises when a pipeline did not finish: figures of failed runs would look fast and mean nothing."""
+    unfinished = [(pipeline_id, state) for pipeline_id, state in states if state != "FINISHED"]
+    if unfinished:
+        shown = ", ".join(f"{pipeline_id} {state}" for pipeline_id, state in unfinished[:5])
+        raise RuntimeError(f"{len(unfinished)} pipeline(s) did not finish: {shown}")

@@ -18,7 +18,7 @@ install: $(STAMP)
 run: install
 	$(PY) -m engine_server $(ARGS)
 
-## The whole test suite (PostgreSQL and Redis tests skip with a reason when those servers are absent).
+## The whole test suite (PostgreSQL tests skip with a reason when that server is absent).
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -42,7 +42,7 @@ format: install
 
 ## Benchmarks: prints JSON and a table. BENCH_ARGS="--db postgresql://..." to run on PostgreSQL.
 bench: install
-	$(PY) -m bench $(BENCH_ARGS)
+	@$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -40,10 +40,17 @@ class EngineServer:
         self.port = 0
 
     async def start(self) -> None:
-        await self.engine.start()
-        self.port = self.grpc_server.add_insecure_port(self.settings.listen)
+        # Bind first: a busy port should stop the server before it touches the database.
+        try:
+            self.port = self.grpc_server.add_insecure_port(self.settings.listen)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise SystemExit(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+            raise SystemExit(
+                f"engine-server: cannot listen on {self.settings.listen}: the address is in use or invalid "
+                "(is another engine server running? choose another with --listen or ENGINE_LISTEN)"
+            )
+        await self.engine.start()
         await self.grpc_server.start()
         log.info(
             "engine server listening on %s (database %s)",

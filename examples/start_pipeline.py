@@ -15,6 +15,7 @@ from worker_sdk import (
     EngineClient,
     ServiceActivity,
     Var,
+    WaitTimeout,
     build_tree,
 )
 
@@ -50,11 +51,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="127.0.0.1:50051", help="engine server address")
     parser.add_argument("--name", default="world", help="value of the pipeline variable ${name}")
+    parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the pipeline to end")
     args = parser.parse_args()
     with EngineClient(args.target) as client:
         pipeline_id = client.start(hello_tree(), {"name": args.name})
         print(f"started {pipeline_id}; waiting (is examples/hello_worker.py running?)")
-        state = client.wait(pipeline_id, timeout=60)
+        try:
+            state = client.wait(pipeline_id, timeout=args.wait)
+        except WaitTimeout as timeout:
+            print(f"still {timeout.state['state'] if timeout.state else 'RUNNING'} after {args.wait:.0f} s: is a worker")
+            print("serving 'greet' and 'shout'? The pipeline carries on as soon as one connects.")
+            return
         print_state(client, state, pipeline_id)
 
 

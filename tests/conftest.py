@@ -32,7 +32,7 @@ def postgres_admin_url() -> str:
     if problem:
         if REQUIRE_SERVICES:
             pytest.fail(f"{problem}; ENGINE_TEST_REQUIRE_SERVICES=1 makes this a failure")
-        pytest.skip(f"{problem}; set ENGINE_TEST_PG_URL to run the PostgreSQL tests")
+        pytest.skip(f"{problem}; point ENGINE_TEST_PG_URL at a reachable server to run the PostgreSQL tests")
     return PG_ADMIN_URL
 
 

@@ -67,11 +67,23 @@ def state_tree(view: PipelineView) -> engine_pb2.GetStateResponse:
         started_unix_ms=view.created_at,
         finished_unix_ms=view.finished_at,
     )
-    for run in sorted(view.nodes, key=lambda r: (r.started_at, _version_order(r.version))):
-        spec = view.spec.nodes.get(run.node_id)
-        if spec is not None:
-            root.children.append(_state_node(run, spec.type, spec.name))
-    return engine_pb2.GetStateResponse(root=root, pipeline_state=PIPELINE_STATES[view.state])
+    tree = view.spec.tree
+    runs = {run.node_id: run for run in view.nodes if run.node_id in tree.nodes}
+    # Each level's nodes nest under their SubProcess node, in the order they were reached.
+    children: dict[str, list[str]] = {}
+    for run in sorted(runs.values(), key=lambda r: (r.started_at, _version_order(r.version))):
+        children.setdefault(tree.scope_of[run.node_id], []).append(run.node_id)
+
+    def build(node_id: str) -> engine_pb2.StateNode:
+        spec = tree.nodes[node_id]
+        message = _state_node(runs[node_id], spec.type, spec.name)
+        message.children.extend(build(child) for child in children.get(node_id, []))
+        return message
+
+    root.children.extend(build(node_id) for node_id in children.get("", []))
+    return engine_pb2.GetStateResponse(
+        root=root, pipeline_state=PIPELINE_STATES[view.state], outputs_json=dumps(view.outputs)
+    )
 
 
 def node_data(pipeline_id: str, run: NodeRun) -> engine_pb2.NodeData:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -50,7 +51,15 @@ from engine_server.errors import (
     NotFound,
     Unavailable,
 )
-from engine_server.records import SpecCache, dumps, history_row, node_from_row, node_row, snapshot_from_rows
+from engine_server.records import (
+    SpecCache,
+    dumps,
+    history_row,
+    node_from_row,
+    node_row,
+    runtime_json,
+    snapshot_from_rows,
+)
 from engine_server.settings import Settings
 from storage.schema import CANCELLED, COMPLETED, DONE, EXECUTE, FAILED, QUEUED, SCHEDULE
 from storage.store import Store, WriteSet
@@ -110,6 +119,7 @@ class PipelineView:
     finished_at: int
     spec: PipelineSpec
     nodes: Sequence[NodeRun]
+    outputs: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +153,7 @@ class _Start(_Op):
     name: str
     tree_json: str
     spec: PipelineSpec
-    context: Mapping[str, Any]
+    presets: Mapping[str, Any]
     idempotency_key: str
     start_node_id: str
     cycle_tolerate: bool
@@ -196,6 +206,8 @@ class _BatchResult:
 class _Cached:
     snapshot: Snapshot
     row_version: int
+    # The snapshot's runtime data as stored; re-encoded only when a decision changed it.
+    runtime_json: str
 
 
 # ---------------------------------------------------------------- the engine
@@ -270,7 +282,7 @@ class Engine:
         *,
         tree_json: str,
         spec: PipelineSpec,
-        context: Mapping[str, Any],
+        presets: Mapping[str, Any],
         pipeline_id: str = "",
         name: str = "",
         idempotency_key: str = "",
@@ -282,7 +294,7 @@ class Engine:
             name=name,
             tree_json=tree_json,
             spec=spec,
-            context=context,
+            presets=presets,
             idempotency_key=idempotency_key,
             start_node_id=start_node_id,
             cycle_tolerate=cycle_tolerate,
@@ -383,6 +395,7 @@ class Engine:
                 finished_at=row.finished_at,
                 spec=spec,
                 nodes=[node_from_row(n) for n in nodes],
+                outputs=json.loads(row.runtime_json).get("outputs", {}),
             )
 
         view: PipelineView = await self.read(load)
@@ -393,13 +406,13 @@ class Engine:
         for run in view.nodes:
             if run.node_id == node_id:
                 return run
-        if node_id not in view.spec.nodes:
+        if node_id not in view.spec.tree.nodes:
             raise NotFound(f"pipeline {pipeline_id!r} has no node {node_id!r}")
         raise NotFound(f"node {node_id!r} of pipeline {pipeline_id!r} has not been reached, so it has no data")
 
     async def get_histories(self, pipeline_id: str, node_id: str) -> list[NodeRun]:
         view = await self.get_pipeline(pipeline_id)
-        if node_id not in view.spec.nodes:
+        if node_id not in view.spec.tree.nodes:
             raise NotFound(f"pipeline {pipeline_id!r} has no node {node_id!r}")
 
         def load(conn: Connection) -> list[NodeRun]:
@@ -635,7 +648,9 @@ class _Batch:
                 row = self.store.load_pipeline(conn, pipeline_id)
                 assert row is not None
                 spec = self.engine.specs.get(row.tree_json, cycle_tolerate=row.cycle_tolerate)
-                cached = _Cached(snapshot_from_rows(row, self.store.load_nodes(conn, pipeline_id), spec), row_version)
+                nodes = self.store.load_nodes(conn, pipeline_id)
+                snapshot = snapshot_from_rows(row, nodes, spec, rerun_limit=self.settings.rerun_limit)
+                cached = _Cached(snapshot, row_version, row.runtime_json)
             self.working[pipeline_id] = cached
 
     # ------------------------------------------------------------ operations
@@ -650,8 +665,10 @@ class _Batch:
             spec=op.spec,
             state=PipelineState.RUNNING,
             nodes={},
-            context=op.context,
+            contexts={},
             started_at=self.now,
+            presets=op.presets,
+            rerun_limit=self.settings.rerun_limit,
         )
         decision = decide(snapshot, StartPipeline(op.start_node_id), self.now)
         if decision.rejection is not None:
@@ -665,13 +682,13 @@ class _Batch:
                 "state": PipelineState.RUNNING.value,
                 "row_version": 0,  # the pipeline update below makes it 1
                 "version_seq": 0,
-                "context_json": dumps(op.context),
+                "runtime_json": "{}",  # written by the pipeline update below
                 "idempotency_key": op.idempotency_key or None,
                 "created_at": self.now,
                 "finished_at": 0,
             }
         )
-        self.working[op.pipeline_id] = _Cached(snapshot, 0)
+        self.working[op.pipeline_id] = _Cached(snapshot, 0, "{}")
         taken_ids.add(op.pipeline_id)
         if op.idempotency_key:
             by_key[op.idempotency_key] = op.pipeline_id
@@ -744,7 +761,8 @@ class _Batch:
 
     def _apply(self, pipeline_id: str, decision: Decision) -> None:
         cached = self.working[pipeline_id]
-        self.working[pipeline_id] = _Cached(decision.snapshot, cached.row_version)
+        encoded = runtime_json(decision.snapshot) if decision.runtime_changed else cached.runtime_json
+        self.working[pipeline_id] = _Cached(decision.snapshot, cached.row_version, encoded)
         self.dirty.add(pipeline_id)
         inputs_json: dict[str, str] = {}
         for command in decision.commands:
@@ -822,9 +840,10 @@ class _Batch:
                     "row_version": new_version,
                     "version_seq": snapshot.version_seq,
                     "finished_at": snapshot.finished_at,
+                    "runtime_json": cached.runtime_json,
                 }
             )
-            self.working[pipeline_id] = _Cached(snapshot, new_version)
+            self.working[pipeline_id] = _Cached(snapshot, new_version, cached.runtime_json)
         self.writes.node_upserts = list(self.nodes.values())
         self.writes.task_inserts = list(self.task_inserts.values())
         self.store.write(conn, self.writes)

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine_server.core.model import NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
+from engine_server.core.model import Join, NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
 from engine_server.core.tree import parse_tree
 
 
@@ -61,6 +61,8 @@ def node_from_row(row: Any) -> NodeRun:
         finished_at=row.finished_at,
         inputs=json.loads(row.inputs_json),
         outputs=json.loads(row.outputs_json),
+        forks=tuple(row.forks.split(",")) if getattr(row, "forks", "") else (),
+        scope_entry=getattr(row, "scope_entry", ""),
     )
 
 
@@ -81,26 +83,46 @@ def node_row(pipeline_id: str, run: NodeRun, *, inputs_json: str | None = None) 
         "finished_at": run.finished_at,
         "inputs_json": inputs_json if inputs_json is not None else dumps(run.inputs),
         "outputs_json": dumps(run.outputs),
+        "forks": ",".join(run.forks),
+        "scope_entry": run.scope_entry,
     }
 
 
 def history_row(pipeline_id: str, run: NodeRun) -> dict[str, Any]:
     row = node_row(pipeline_id, run)
-    for live_only in ("schedule_times", "awaiting_callback"):
+    for live_only in ("schedule_times", "awaiting_callback", "forks", "scope_entry"):
         del row[live_only]
     return row
 
 
-def snapshot_from_rows(pipeline: Any, nodes: Sequence[Any], spec: PipelineSpec) -> Snapshot:
+def runtime_json(snapshot: Snapshot) -> str:
+    return dumps(
+        {
+            "contexts": snapshot.contexts,
+            "joins": {fork: [join.expected, join.arrived] for fork, join in snapshot.joins.items()},
+            "presets": snapshot.presets,
+            "outputs": snapshot.outputs,
+        }
+    )
+
+
+def snapshot_from_rows(pipeline: Any, nodes: Sequence[Any], spec: PipelineSpec, *, rerun_limit: int) -> Snapshot:
+    runtime = json.loads(pipeline.runtime_json)
+    runs = {row.node_id: node_from_row(row) for row in nodes}
     return Snapshot(
         pipeline_id=pipeline.id,
         spec=spec,
         state=PipelineState(pipeline.state),
-        nodes={row.node_id: node_from_row(row) for row in nodes},
-        context=json.loads(pipeline.context_json),
+        nodes=runs,
+        contexts=runtime.get("contexts", {}),
         version_seq=pipeline.version_seq,
         started_at=pipeline.created_at,
         finished_at=pipeline.finished_at,
+        joins={fork: Join(expected, arrived) for fork, (expected, arrived) in runtime.get("joins", {}).items()},
+        presets=runtime.get("presets", {}),
+        outputs=runtime.get("outputs", {}),
+        rerun_limit=rerun_limit,
+        failed_count=sum(run.state is NodeState.FAILED for run in runs.values()),
     )
 
 

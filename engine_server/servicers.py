@@ -13,8 +13,7 @@ import grpc
 from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc, worker_pb2, worker_pb2_grpc
 from engine_server import converters
 from engine_server.core.model import PipelineState
-from engine_server.core.render import RenderError, render_context
-from engine_server.core.tree import TreeError, load_tree_json, parse_tree
+from engine_server.core.tree import Problem, TreeError, check_variables, load_tree_json, parse_tree
 from engine_server.engine import Engine
 from engine_server.errors import (
     AlreadyExists,
@@ -100,6 +99,11 @@ class Limits:
             raise InvalidArgument(str(exc)) from None
 
 
+def _variable_key(name: str) -> str:
+    """Start inputs may be keyed "name" or "${name}"; variables are always keyed "${name}"."""
+    return name if name.startswith("${") and name.endswith("}") else f"${{{name}}}"
+
+
 def _required(value: str, what: str) -> str:
     if not value:
         raise InvalidArgument(f"{what} is required")
@@ -133,16 +137,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         except TreeError as exc:
             raise (Unimplemented if exc.unsupported_only else InvalidArgument)(str(exc)) from None
         inputs = self.limits.json_object(request.inputs_json, "inputs_json")
-        try:
-            variables = render_context(spec.inputs, inputs)
-        except RenderError as exc:
-            raise InvalidArgument(f"cannot render the pipeline's data.inputs: {exc}") from None
+        problems = check_variables(spec, inputs)
+        if problems:
+            raise InvalidArgument(str(TreeError(problems)))
         if request.start_node_id and request.start_node_id not in spec.nodes:
-            raise InvalidArgument(f"start_node_id {request.start_node_id!r} is not a node of the tree")
+            raise InvalidArgument(f"start_node_id {request.start_node_id!r} is not a node of the root pipeline")
         pipeline_id, created = await self.engine.start_pipeline(
             tree_json=request.tree_json,
             spec=spec,
-            context=variables,
+            presets={_variable_key(key): value for key, value in inputs.items()},
             pipeline_id=request.pipeline_id,
             idempotency_key=request.idempotency_key,
             start_node_id=request.start_node_id,
@@ -154,17 +157,19 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def ValidatePipeline(
         self, request: engine_pb2.ValidatePipelineRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.ValidatePipelineResponse:
+        inputs = self.limits.json_object(request.inputs_json, "inputs_json")
+        problems: list[Problem]
         try:
-            self._parse_tree(request.tree_json, request.cycle_tolerate)
+            problems = check_variables(self._parse_tree(request.tree_json, request.cycle_tolerate), inputs)
         except TreeError as exc:
-            return engine_pb2.ValidatePipelineResponse(
-                valid=False,
-                problems=[
-                    engine_pb2.ValidationProblem(code=p.code, message=p.message, node_id=p.node_id, flow_id=p.flow_id)
-                    for p in exc.problems
-                ],
-            )
-        return engine_pb2.ValidatePipelineResponse(valid=True)
+            problems = exc.problems
+        return engine_pb2.ValidatePipelineResponse(
+            valid=not problems,
+            problems=[
+                engine_pb2.ValidationProblem(code=p.code, message=p.message, node_id=p.node_id, flow_id=p.flow_id)
+                for p in problems
+            ],
+        )
 
     @maps_errors
     async def GetState(

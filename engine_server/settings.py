@@ -34,6 +34,8 @@ class Settings:
     recheck_interval_ms: int = 1_000
     # Most events applied in one transaction.
     max_batch: int = 2_000
+    # How many times one node may be entered by loops before it fails.
+    rerun_limit: int = 100
     # Pipelines kept in memory between events.
     cache_size: int = 20_000
     log_level: str = "INFO"
@@ -52,6 +54,7 @@ _HELP = {
     "reap_interval_ms": "how often expired leases are re-offered, ms",
     "recheck_interval_ms": "how often waiting polls re-check the database, ms",
     "max_batch": "most events per transaction",
+    "rerun_limit": "times a loop may enter one node before the node fails",
     "cache_size": "pipelines cached in memory",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }

@@ -59,7 +59,9 @@ def main() -> None:
         try:
             state = client.wait(pipeline_id, timeout=args.wait)
         except WaitTimeout as timeout:
-            print(f"still {timeout.state['state'] if timeout.state else 'RUNNING'} after {args.wait:.0f} s: is a worker")
+            print(
+                f"still {timeout.state['state'] if timeout.state else 'RUNNING'} after {args.wait:.0f} s: is a worker"
+            )
             print("serving 'greet' and 'shout'? The pipeline carries on as soon as one connects.")
             return
         print_state(client, state, pipeline_id)

@@ -44,7 +44,8 @@ pipelines = Table(
     Column("row_version", Integer, nullable=False, default=1),
     # Counter that node attempt versions are made from.
     Column("version_seq", Integer, nullable=False, default=0),
-    Column("context_json", Text, nullable=False, default="{}"),
+    # Variables per level, open joins, Start's presets and the pipeline's outputs (JSON; see records.py).
+    Column("runtime_json", Text, nullable=False, default="{}"),
     Column("idempotency_key", String(255), nullable=True, unique=True),
     Column("created_at", BigInteger, nullable=False),
     Column("finished_at", BigInteger, nullable=False, default=0),
@@ -69,6 +70,9 @@ node_states = Table(
     Column("finished_at", BigInteger, nullable=False, default=0),
     Column("inputs_json", Text, nullable=False, default="{}"),
     Column("outputs_json", Text, nullable=False, default="{}"),
+    # The path's open forks (comma-separated gateway ids) and the subprocess attempt it runs under.
+    Column("forks", Text, nullable=False, default=""),
+    Column("scope_entry", String(32), nullable=False, default=""),
 )
 
 node_histories = Table(

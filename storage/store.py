@@ -157,6 +157,7 @@ class Store:
                 row_version=bindparam("row_version"),
                 version_seq=bindparam("version_seq"),
                 finished_at=bindparam("finished_at"),
+                runtime_json=bindparam("runtime_json"),
             )
         )
         self._complete_tasks = (

@@ -46,13 +46,26 @@ class NodeType(enum.Enum):
     CONVERGE_GATEWAY = "ConvergeGateway"
 
 
+DIVERGING_GATEWAYS = frozenset(
+    {NodeType.EXCLUSIVE_GATEWAY, NodeType.PARALLEL_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY}
+)
+FORKING_GATEWAYS = frozenset({NodeType.PARALLEL_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY})
+END_EVENTS = frozenset({NodeType.EMPTY_END_EVENT, NodeType.EXECUTABLE_END_EVENT})
+# Nodes that become tasks for workers; everything else the engine evaluates itself.
+TASK_NODES = frozenset({NodeType.SERVICE_ACTIVITY, NodeType.EXECUTABLE_END_EVENT})
+
+
 @dataclass(frozen=True, slots=True)
 class VarSpec:
-    """One variable of `data.inputs` or of a component's inputs, as written in the tree."""
+    """One variable of `data.inputs`, a component's inputs or a subprocess's params, as written in the tree."""
 
     type: str  # "plain" | "splice" | "lazy"
     value: Any
     custom_type: str = ""
+    # Node-output reference: (node id, output key) pairs; several for the rewritable list form.
+    sources: tuple[tuple[str, str], ...] = ()
+    # A subprocess input that its parent's params may set (bamboo's DataInput).
+    is_param: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +92,12 @@ class NodeSpec:
     # auto_retry: how many times a failure retries by itself (0 = never).
     auto_retry_times: int = 0
     auto_retry_interval_ms: int = 0
+    # Exclusive / conditional parallel gateways: outgoing flow id -> condition text, and the default flow.
+    conditions: Mapping[str, str] = field(default_factory=dict)
+    default_flow: str = ""
+    # SubProcess: the nested tree and the params rendered in the parent that become its inputs.
+    subprocess: PipelineSpec | None = None
+    params: Mapping[str, VarSpec] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +109,33 @@ class PipelineSpec:
     flows: Mapping[str, FlowSpec]
     inputs: Mapping[str, VarSpec]
     outputs: tuple[str, ...] = ()
+    pre_render_keys: tuple[str, ...] = ()
+    # Filled in on the root only, for the whole tree (subprocesses included):
+    index: TreeIndex | None = None
 
     def next_node_ids(self, node_id: str) -> list[str]:
         return [self.flows[flow_id].target for flow_id in self.nodes[node_id].outgoing]
+
+    @property
+    def tree(self) -> TreeIndex:
+        assert self.index is not None, "only the root spec carries the tree index"
+        return self.index
+
+
+@dataclass(frozen=True, slots=True)
+class TreeIndex:
+    """Lookups over a whole tree. Node ids are unique across all levels, so one map serves them all."""
+
+    nodes: Mapping[str, NodeSpec]
+    # node id -> id of the SubProcess node whose pipeline holds it ("" for the root pipeline)
+    scope_of: Mapping[str, str]
+    # scope id -> the pipeline spec of that scope ("" -> the root)
+    scopes: Mapping[str, PipelineSpec]
+    flows: Mapping[str, FlowSpec]
+    # parallel / conditional parallel gateway id -> the converge gateway that joins its branches
+    converge_of: Mapping[str, str]
+    # node id -> (scope, variable key, output key) for each node-output variable the node writes
+    output_refs: Mapping[str, tuple[tuple[str, str, str], ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +156,19 @@ class NodeRun:
     finished_at: int = 0
     inputs: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, Any] = field(default_factory=dict)
+    # The path's open forks (parallel gateway ids, innermost last), within the node's own pipeline level.
+    forks: tuple[str, ...] = ()
+    # Version of the enclosing SubProcess attempt the node was entered under ("" at the root): how
+    # inner_loop knows a new subprocess entry began.
+    scope_entry: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Arrivals at a fork's converge gateway so far."""
+
+    expected: int
+    arrived: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +179,20 @@ class Snapshot:
     spec: PipelineSpec
     state: PipelineState
     nodes: Mapping[str, NodeRun]
-    # Rendered root variables, keyed as in the tree ("${name}").
-    context: Mapping[str, Any]
+    # Variable values per pipeline level (scope id "" is the root), keyed as in the tree ("${name}").
+    # Splice variables that are not pre-rendered are absent: they are rendered from the tree when used.
+    contexts: Mapping[str, Mapping[str, Any]]
     # Counter from which node attempt versions are made; never reused within a pipeline.
     version_seq: int = 0
     started_at: int = 0
     finished_at: int = 0
+    # Open joins by fork gateway id.
+    joins: Mapping[str, Join] = field(default_factory=dict)
+    # The values Start was given; visible at every level unless a level defines the same key.
+    presets: Mapping[str, Any] = field(default_factory=dict)
+    # The root's data.outputs, once the pipeline finished.
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+    # How many times one node may be entered (loops).
+    rerun_limit: int = 100
+    # Nodes whose current attempt is FAILED (derived; saves scanning every node after every event).
+    failed_count: int = 0

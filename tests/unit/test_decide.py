@@ -20,20 +20,20 @@ from engine_server.core.decide import (
     decide,
 )
 from engine_server.core.model import NodeState, PipelineState, Snapshot
-from engine_server.core.render import render_context
 from engine_server.core.tree import parse_tree
 from tests.trees import chain_tree
 
 NOW = 1_700_000_000_000
 
 
-def new_snapshot(tree: dict[str, Any], inputs: dict[str, Any] | None = None) -> Snapshot:
-    spec = parse_tree(tree)
-    return Snapshot("p1", spec, PipelineState.RUNNING, {}, render_context(spec.inputs, inputs or {}))
+def new_snapshot(tree: dict[str, Any], inputs: dict[str, Any] | None = None, **options: Any) -> Snapshot:
+    spec = parse_tree(tree, cycle_tolerate=options.pop("cycle_tolerate", False))
+    presets = {f"${{{key}}}": value for key, value in (inputs or {}).items()}
+    return Snapshot("p1", spec, PipelineState.RUNNING, {}, {}, presets=presets, **options)
 
 
-def started(tree: dict[str, Any], inputs: dict[str, Any] | None = None) -> Decision:
-    decision = decide(new_snapshot(tree, inputs), StartPipeline(), NOW)
+def started(tree: dict[str, Any], inputs: dict[str, Any] | None = None, **options: Any) -> Decision:
+    decision = decide(new_snapshot(tree, inputs, **options), StartPipeline(), NOW)
     assert decision.rejection is None
     return decision
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engine_server.core.model import NodeType
-from engine_server.core.tree import TreeError, load_tree_json, parse_tree
+from engine_server.core.tree import TreeError, check_variables, load_tree_json, parse_tree
 from tests.trees import chain_tree
 
 
@@ -103,13 +103,20 @@ def _cycle() -> dict[str, Any]:
         (_duplicate_node_and_flow_id(), "duplicate_id", "'a0'"),
         (_node_with_unknown_type(), "unknown_node_type", "'MagicActivity'"),
         (_activity_without_component(), "no_component", "'a0'"),
-        (_undefined_variable(), "unknown_variable", "${who}"),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
 def test_malformed_trees_are_refused_naming_the_problem(tree: Any, code: str, named: str) -> None:
     found = problems(tree)
     assert any(c == code and named in message for c, message in found), found
+
+
+def test_variables_an_expression_uses_must_be_defined_or_preset() -> None:
+    spec = parse_tree(_undefined_variable())
+    [problem] = check_variables(spec)
+    assert problem.code == "unknown_variable"
+    assert "${who}" in problem.message and "'a0'" in problem.message
+    assert check_variables(spec, ["who"]) == []
 
 
 def test_a_cycle_is_refused_unless_tolerated_and_the_message_says_how() -> None:
@@ -129,14 +136,6 @@ def test_text_that_is_not_json_is_refused() -> None:
     with pytest.raises(TreeError) as raised:
         load_tree_json("{not json")
     assert raised.value.problems[0].code == "not_json"
-
-
-def test_gateways_parse_but_are_refused_as_not_supported_yet() -> None:
-    tree = chain_tree(["echo"])
-    tree["gateways"]["g"] = {"id": "g", "type": "ParallelGateway", "incoming": [], "outgoing": []}
-    with pytest.raises(TreeError) as raised:
-        parse_tree(tree)
-    assert any(p.code == "unsupported_node_type" and "'g'" in p.message for p in raised.value.problems)
 
 
 def test_every_problem_is_reported_not_just_the_first() -> None:

@@ -42,7 +42,9 @@ class StartPipelineRequest(_message.Message):
     tree_json: _builtins.str
     """The bamboo pipeline tree, JSON text."""
     inputs_json: _builtins.str
-    """Values for the tree's data.inputs, JSON object keyed like the tree ("${name}" or "name")."""
+    """Preset variables, JSON object keyed "${name}" or "name". A key the tree's data.inputs defines replaces
+    that variable's value; every key is also readable at every subprocess level that does not define it.
+    """
     pipeline_id: _builtins.str
     """Optional id for the new pipeline; generated if empty. ALREADY_EXISTS if taken (unless the same
     idempotency_key started it).
@@ -103,17 +105,21 @@ class ValidatePipelineRequest(_message.Message):
 
     TREE_JSON_FIELD_NUMBER: _builtins.int
     CYCLE_TOLERATE_FIELD_NUMBER: _builtins.int
+    INPUTS_JSON_FIELD_NUMBER: _builtins.int
     tree_json: _builtins.str
     cycle_tolerate: _builtins.bool
+    inputs_json: _builtins.str
+    """Optional: the inputs a Start would pass (JSON object), so variables they define count as defined."""
     def __init__(
         self,
         *,
         tree_json: _builtins.str = ...,
         cycle_tolerate: _builtins.bool = ...,
+        inputs_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "tree_json", b"tree_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "inputs_json", b"inputs_json", "tree_json", b"tree_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -426,7 +432,7 @@ class StateNode(_message.Message):
     finished_unix_ms: _builtins.int
     @_builtins.property
     def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateNode]:
-        """Nodes that have a state, in the order they were reached (subprocess children nest here)."""
+        """Nodes that have a state, in the order they were reached. A SubProcess node lists its own nodes here."""
 
     def __init__(
         self,
@@ -460,7 +466,10 @@ class GetStateResponse(_message.Message):
 
     ROOT_FIELD_NUMBER: _builtins.int
     PIPELINE_STATE_FIELD_NUMBER: _builtins.int
+    OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
     pipeline_state: _types_pb2.PipelineState.ValueType
+    outputs_json: _builtins.str
+    """The pipeline's data.outputs (JSON object of key -> value) once it has FINISHED; "{}" before."""
     @_builtins.property
     def root(self) -> Global___StateNode: ...
     def __init__(
@@ -468,10 +477,11 @@ class GetStateResponse(_message.Message):
         *,
         root: Global___StateNode | None = ...,
         pipeline_state: _types_pb2.PipelineState.ValueType = ...,
+        outputs_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root", b"root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_state", b"pipeline_state", "root", b"root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs_json", b"outputs_json", "pipeline_state", b"pipeline_state", "root", b"root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -378,8 +378,12 @@ class EngineTransport(_Caller):
         response: engine_pb2.StartPipelineResponse = self._unary(self._stub.StartPipeline, request, timeout)
         return response.pipeline_id, response.created
 
-    def validate_pipeline(self, *, tree_json: str, cycle_tolerate: bool, timeout: float | None) -> list[dict[str, Any]]:
-        request = engine_pb2.ValidatePipelineRequest(tree_json=tree_json, cycle_tolerate=cycle_tolerate)
+    def validate_pipeline(
+        self, *, tree_json: str, inputs_json: str, cycle_tolerate: bool, timeout: float | None
+    ) -> list[dict[str, Any]]:
+        request = engine_pb2.ValidatePipelineRequest(
+            tree_json=tree_json, inputs_json=inputs_json, cycle_tolerate=cycle_tolerate
+        )
         response: engine_pb2.ValidatePipelineResponse = self._unary(self._stub.ValidatePipeline, request, timeout)
         return [_problem_to_dict(problem) for problem in response.problems]
 
@@ -431,6 +435,8 @@ class EngineTransport(_Caller):
         state["type"] = state["type"] or "Pipeline"
         # The root's state text is the pipeline's; the enum is the fallback if a server leaves it out.
         state["state"] = state["state"] or _pipeline_state_name(response.pipeline_state)
+        # The pipeline's data.outputs, once it finished.
+        state["outputs"] = json.loads(response.outputs_json) if response.outputs_json else {}
         return state
 
     def get_node_data(self, pipeline_id: str, node_id: str, timeout: float | None) -> dict[str, Any]:

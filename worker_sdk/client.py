@@ -112,10 +112,22 @@ class EngineClient:
         )
         return started_id
 
-    def validate(self, tree: Mapping[str, Any] | str, *, cycle_tolerate: bool = False) -> list[dict[str, Any]]:
-        """The tree's problems (``{"code", "message", "node_id", "flow_id"}``); empty if it is valid."""
+    def validate(
+        self,
+        tree: Mapping[str, Any] | str,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        cycle_tolerate: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The tree's problems (``{"code", "message", "node_id", "flow_id"}``); empty if it is valid.
+
+        `inputs` are the presets a Start would pass: variables they define count as defined.
+        """
         return self._engine.validate_pipeline(
-            tree_json=_tree_json(tree), cycle_tolerate=cycle_tolerate, timeout=self.timeout
+            tree_json=_tree_json(tree),
+            inputs_json=encode_json(dict(inputs or {})),
+            cycle_tolerate=cycle_tolerate,
+            timeout=self.timeout,
         )
 
     def get_state(self, pipeline_id: str) -> dict[str, Any]:

@@ -41,6 +41,34 @@ def echo(**inputs: Any) -> dict[str, Any]:
     return {"echo": {k: v for k, v in inputs.items() if not k.startswith("_")}, "pid": os.getpid()}
 
 
+@component("emit")
+def emit(**inputs: Any) -> dict[str, Any]:
+    """Returns its inputs as outputs, plus the loop counters it was given."""
+    _record(inputs={k: v for k, v in inputs.items() if not k.startswith("_")})
+    outputs = {k: v for k, v in inputs.items() if not k.startswith("_")}
+    return {**outputs, "seen_loop": inputs.get("_loop"), "seen_inner_loop": inputs.get("_inner_loop")}
+
+
+@component("count")
+def count(i: int = 0, **inputs: Any) -> dict[str, Any]:
+    """Outputs next = i + 1 (drives loops), and echoes `value` when given."""
+    _record(i=i, value=inputs.get("value"))
+    return {"next": i + 1, "value": inputs.get("value")}
+
+
+@component("notify_end")
+def notify_end(**inputs: Any) -> dict[str, Any]:
+    """An executable end event's task."""
+    _record()
+    return {"notified": True}
+
+
+@component("failing_end")
+def failing_end(**inputs: Any) -> dict[str, Any]:
+    _record()
+    raise RuntimeError("the end event could not notify")
+
+
 @component("add")
 def add(a: int, b: int) -> dict[str, Any]:
     _record()
@@ -67,7 +95,7 @@ def sleep(seconds: float = 1.0, first_attempt_only: bool = False) -> dict[str, A
     return {"slept": seconds, "attempt": task.attempt}
 
 
-COMPONENTS = {c.code: c for c in (echo, add, boom, sleep)}
+COMPONENTS = {c.code: c for c in (echo, emit, count, notify_end, failing_end, add, boom, sleep)}
 
 
 def main() -> None:

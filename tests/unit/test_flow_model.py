@@ -8,19 +8,18 @@ import pytest
 
 from engine_server.core.model import NodeState, PipelineState
 from engine_server.core.tree import TreeError, parse_tree
+from tests.flows import act, exclusive_tree, loop_tree, subprocess_tree
 from tests.unit.flow_sim import Simulation
 from worker_sdk.builder import (
     ConditionalParallelGateway,
     ConvergeGateway,
     Data,
-    DataInput,
     EmptyEndEvent,
     EmptyStartEvent,
     ExclusiveGateway,
     ExecutableEndEvent,
     NodeOutput,
     ParallelGateway,
-    Params,
     RewritableNodeOutput,
     ServiceActivity,
     SubProcess,
@@ -31,14 +30,6 @@ from worker_sdk.builder import (
 FINISHED, FAILED = NodeState.FINISHED, NodeState.FAILED
 
 
-def act(code: str = "echo", **inputs: Any) -> ServiceActivity:
-    node = ServiceActivity(component_code=code)
-    for key, value in inputs.items():
-        kind = Var.SPLICE if isinstance(value, str) and "${" in value else Var.PLAIN
-        setattr(node.component.inputs, key, Var(type=kind, value=value))
-    return node
-
-
 def echo(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if not k.startswith("_")}
 
@@ -47,7 +38,11 @@ def boom(inputs: dict[str, Any]) -> dict[str, Any]:
     raise ValueError("boom")
 
 
-COMPONENTS = {"echo": echo, "boom": boom}
+def count(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {"next": inputs.get("i", 0) + 1, "value": inputs.get("value")}
+
+
+COMPONENTS = {"emit": echo, "boom": boom, "count": count}
 
 
 def test_parallel_gateway_with_ten_branches_runs_every_branch_and_joins() -> None:
@@ -74,21 +69,6 @@ def test_nested_parallel_inside_parallel() -> None:
     assert sim.node_state(inner_join.id) is FINISHED and sim.node_state(outer_join.id) is FINISHED
 
 
-def exclusive_tree(conditions: dict[int, str], default: int | None = None) -> tuple[dict[str, Any], list[Any], Any]:
-    start, gateway, join, end = (
-        EmptyStartEvent(),
-        ExclusiveGateway(conditions, default),
-        ConvergeGateway(),
-        EmptyEndEvent(),
-    )
-    branches = [act(branch=str(i)) for i in range(2)]
-    start.extend(gateway).connect(*branches).to(gateway).converge(join).extend(end)
-    data = Data()
-    data.inputs["${name}"] = Var(type=Var.PLAIN, value="bob")
-    data.inputs["${n}"] = Var(type=Var.PLAIN, value=3)
-    return build_tree(start, data=data), branches, gateway
-
-
 def test_exclusive_gateway_takes_the_one_true_branch_and_leaves_the_other_without_state() -> None:
     tree, branches, _ = exclusive_tree({0: '"${name}" == "bob"', 1: '"${name}" != "bob"'})
     sim = Simulation(tree, COMPONENTS).run()
@@ -110,7 +90,7 @@ def test_exclusive_gateway_falls_back_to_the_default_flow() -> None:
     tree, _, _ = exclusive_tree({0: "${n} > 5"}, default=1)
     sim = Simulation(tree, COMPONENTS).run()
     assert sim.state is PipelineState.FINISHED
-    assert [inputs["branch"] for _, inputs in sim.executed] == ["1"]
+    assert [inputs.get("branch") for _, inputs in sim.executed] == ["1", None]
 
 
 def test_exclusive_gateway_with_two_true_conditions_fails() -> None:
@@ -141,33 +121,6 @@ def test_a_failed_branch_fails_the_pipeline_only_once_the_other_branches_stopped
     assert sim.node_state(cg.id) is None
 
 
-def subprocess_tree(depth: int) -> tuple[dict[str, Any], list[Any]]:
-    """A chain of nested subprocesses, each echoing `${greeting}` and handing `${result}` up."""
-    inner_nodes: list[Any] = []
-    child: Any = None
-    for level in range(depth, 0, -1):
-        start = EmptyStartEvent()
-        node = act(text="${greeting} from level " + str(level))
-        inner_nodes.append(node)
-        chain = start.extend(node)
-        if child is not None:
-            chain = chain.extend(child)
-        chain.extend(EmptyEndEvent())
-        data = Data()
-        data.inputs["${greeting}"] = DataInput(type=Var.PLAIN, value=f"default {level}")
-        data.inputs["${result}"] = NodeOutput(source_act=node.id, source_key="text", type=Var.SPLICE, value=None)
-        data.outputs = ["${result}"]
-        params = Params({"${greeting}": Var(type=Var.SPLICE, value="${greeting}")}) if level > 1 else Params()
-        child = SubProcess(start=start, data=data, params=params)
-    root_start = EmptyStartEvent()
-    reader = act(seen="${from_sub}")
-    root_start.extend(child).extend(reader).extend(EmptyEndEvent())
-    data = Data()
-    data.inputs["${from_sub}"] = NodeOutput(source_act=child.id, source_key="${result}", type=Var.SPLICE, value=None)
-    data.outputs = ["${from_sub}"]
-    return build_tree(root_start, data=data), [child, reader, *inner_nodes]
-
-
 def test_subprocess_outputs_reach_the_parent_and_params_fall_back_to_defaults() -> None:
     tree, (sub, *_) = subprocess_tree(depth=2)
     sim = Simulation(tree, COMPONENTS).run()
@@ -175,9 +128,10 @@ def test_subprocess_outputs_reach_the_parent_and_params_fall_back_to_defaults() 
     texts = [inputs["text"] for _, inputs in sim.executed[:2]]
     # Level 1 takes its default; level 2 receives level 1's greeting through params.
     assert texts == ["default 1 from level 1", "default 1 from level 2"]
-    assert sim.outputs(sub.id)["${result}"] == "default 1 from level 1"
-    assert sim.executed[-1][1]["seen"] == "default 1 from level 1"
-    assert sim.snapshot.outputs == {"${from_sub}": "default 1 from level 1"}
+    # The innermost result travels up through every level's data.outputs.
+    assert sim.outputs(sub.id)["${result}"] == "default 1 from level 2"
+    assert sim.executed[-1][1]["seen"] == "default 1 from level 2"
+    assert sim.snapshot.outputs == {"${from_sub}": "default 1 from level 2"}
 
 
 def test_subprocess_failure_fails_the_subprocess_node_and_the_pipeline() -> None:
@@ -194,31 +148,11 @@ def test_subprocess_failure_fails_the_subprocess_node_and_the_pipeline() -> None
     assert len(sim.executed) == 1
 
 
-def loop_tree() -> tuple[dict[str, Any], Any, Any]:
-    """a -> b -> exclusive: back to a until ${a_i} >= ${c}, else end."""
-    start, end = EmptyStartEvent(), EmptyEndEvent()
-    first = act(value='${l.split(",")[a_i]}', i="${a_i}")
-    second = act()
-    gateway = ExclusiveGateway({0: "${a_i} >= ${c}", 1: "${a_i} < ${c}"})
-    start.extend(first).extend(second).extend(gateway).connect(end, first)
-    data = Data()
-    data.inputs["${l}"] = Var(type=Var.PLAIN, value="a,b,c,d,e")
-    data.inputs["${c}"] = Var(type=Var.PLAIN, value=3)
-    data.inputs["${a_i}"] = NodeOutput(source_act=first.id, source_key="next", type=Var.SPLICE, value=0)
-    return build_tree(start, data=data), first, second
-
-
 def test_a_loop_reenters_nodes_keeping_history_until_the_condition_holds() -> None:
     tree, first, _ = loop_tree()
-
-    def counter(inputs: dict[str, Any]) -> dict[str, Any]:
-        if "i" not in inputs:  # the second node of the pair
-            return {}
-        return {"next": inputs["i"] + 1, "value": inputs["value"]}
-
-    sim = Simulation(tree, {"echo": counter}, cycle_tolerate=True).run()
+    sim = Simulation(tree, COMPONENTS, cycle_tolerate=True).run()
     assert sim.state is PipelineState.FINISHED
-    assert [inputs["value"] for code, inputs in sim.executed if "value" in inputs] == ["a", "b", "c"]
+    assert [inputs["value"] for code, inputs in sim.executed if code == "count"] == ["a", "b", "c"]
     assert sim.snapshot.nodes[first.id].loop == 3
     assert len(sim.histories[first.id]) == 2
     assert [run.loop for run in sim.histories[first.id]] == [1, 2]
@@ -227,7 +161,7 @@ def test_a_loop_reenters_nodes_keeping_history_until_the_condition_holds() -> No
 def test_the_rerun_limit_fails_the_node() -> None:
     tree, first, _ = loop_tree()
     sim = Simulation(
-        tree, {"echo": lambda inputs: {"next": 0} if "i" in inputs else {}}, cycle_tolerate=True, rerun_limit=5
+        tree, {"count": lambda inputs: {"next": 0}, "emit": echo}, cycle_tolerate=True, rerun_limit=5
     ).run()
     assert sim.state is PipelineState.FAILED
     assert sim.node_state(first.id) is FAILED
@@ -238,16 +172,16 @@ def test_executable_end_event_is_a_task_and_its_failure_fails_the_end() -> None:
     start, end = EmptyStartEvent(), ExecutableEndEvent(type="notify_done")
     start.extend(act()).extend(end)
     tree = build_tree(start)
-    ok = Simulation(tree, {"echo": echo, "notify_done": lambda inputs: {"sent": True}}).run()
+    ok = Simulation(tree, {"emit": echo, "notify_done": lambda inputs: {"sent": True}}).run()
     assert ok.state is PipelineState.FINISHED
-    assert [code for code, _ in ok.executed] == ["echo", "notify_done"]
-    bad = Simulation(tree, {"echo": echo, "notify_done": boom}).run()
+    assert [code for code, _ in ok.executed] == ["emit", "notify_done"]
+    bad = Simulation(tree, {"emit": echo, "notify_done": boom}).run()
     assert bad.node_state(end.id) is FAILED
     assert bad.state is PipelineState.FAILED
 
 
 def test_every_variable_kind_renders_into_one_nodes_inputs() -> None:
-    start, producer, consumer, end = EmptyStartEvent(), act(), ServiceActivity(component_code="echo"), EmptyEndEvent()
+    start, producer, consumer, end = EmptyStartEvent(), act(), ServiceActivity(component_code="emit"), EmptyEndEvent()
     producer.component.inputs.v = Var(type=Var.PLAIN, value=7)
     consumer.component.inputs.plain = Var(type=Var.PLAIN, value="${not_rendered}")
     consumer.component.inputs.splice = Var(type=Var.SPLICE, value="${name}-${n + 1}")
@@ -321,3 +255,18 @@ def test_structural_problems_name_the_gateway(bad: str) -> None:
         parse_tree(tree)
     problems = [p for p in raised.value.problems if p.code == code]
     assert problems and problems[0].node_id == gateway.id, raised.value.problems
+
+
+def test_pre_render_keys_fix_a_splice_at_start_while_others_render_on_use() -> None:
+    start, producer, reader, end = EmptyStartEvent(), act(v="changed"), act(), EmptyEndEvent()
+    reader.component.inputs.fixed = Var(type=Var.SPLICE, value="${fixed}")
+    reader.component.inputs.live = Var(type=Var.SPLICE, value="${live}")
+    start.extend(producer).extend(reader).extend(end)
+    variables = Data()
+    variables.inputs["${source}"] = NodeOutput(source_act=producer.id, source_key="v", type=Var.SPLICE, value="initial")
+    variables.inputs["${fixed}"] = Var(type=Var.SPLICE, value="${source}!")
+    variables.inputs["${live}"] = Var(type=Var.SPLICE, value="${source}!")
+    variables.pre_render_keys = ["${fixed}"]
+    sim = Simulation(build_tree(start, data=variables), COMPONENTS).run()
+    inputs = sim.executed[1][1]
+    assert (inputs["fixed"], inputs["live"]) == ("initial!", "changed!")

@@ -301,6 +301,7 @@ def test_a_subprocess_nests_its_nodes_in_the_state_tree(engine: Engine) -> None:
     tree, (sub, reader, inner) = subprocess_tree(depth=1)
     pipeline_id, state = engine.run(tree)
     assert state["state"] == "FINISHED"
+    assert engine.outputs(pipeline_id, reader.id)["seen"] == "default 1 from level 1"  # the output, one level up
     sub_state = state["children"][sub.id]
     assert sub_state["type"] == "SubProcess"
     assert inner.id in sub_state["children"] and inner.id not in state["children"]

@@ -21,7 +21,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +35,12 @@ from engine_server.core.decide import (
     Event,
     OfferTask,
     StartPipeline,
+    StartTimer,
+    StateChange,
     TaskCompleted,
     TaskFailed,
     TaskKind,
+    TimerFired,
     decide,
 )
 from engine_server.core.model import FINAL_PIPELINE_STATES, NodeRun, PipelineSpec, PipelineState, Snapshot
@@ -157,6 +160,7 @@ class _Start(_Op):
     idempotency_key: str
     start_node_id: str
     cycle_tolerate: bool
+    timeout_ms: int
 
 
 @dataclass(eq=False)
@@ -166,6 +170,14 @@ class _Report(_Op):
     token: TaskToken
     event: Callable[[str, str], Event]
     is_failure: bool
+
+
+@dataclass(eq=False)
+class _Control(_Op):
+    """An operator's operation on a pipeline (pause, retry, skip, callback, ...)."""
+
+    pipeline_id: str
+    event: Event
 
 
 @dataclass(eq=False)
@@ -193,6 +205,15 @@ class _ClaimRequest:
     worker_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Cycle:
+    """What one batch does besides the queued operations."""
+
+    now: int
+    reap: bool
+    fire_timers: bool
+
+
 @dataclass
 class _BatchResult:
     outcomes: list[Any]
@@ -200,6 +221,11 @@ class _BatchResult:
     enqueued_codes: set[str]
     requeued_codes: set[str]
     next_due_at: int | None
+    # Earliest pending timer, when this batch fired or added timers (None: unknown / unchanged).
+    next_timer_at: int | None
+    timers_checked: bool
+    # (pipeline id, its state changes, whether the pipeline reached a final state) for watchers.
+    changes: list[tuple[str, tuple[StateChange, ...], bool]]
 
 
 @dataclass
@@ -231,6 +257,8 @@ class Engine:
         self._maybe_codes: set[str] = set()
         self._notified_during_batch: set[str] | None = None
         self._next_due_at: int | None = None
+        self._next_timer_at: int | None = None
+        self._watchers: dict[str, set[asyncio.Queue[tuple[tuple[StateChange, ...], bool]]]] = {}
         self._next_reap_at = 0
         self._next_recheck_at = 0
         self._kick = asyncio.Event()
@@ -242,12 +270,13 @@ class Engine:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._db, self.store.create_schema)
-        self._next_due_at = await loop.run_in_executor(self._readers, self._earliest_pending)
+        self._next_due_at, self._next_timer_at = await loop.run_in_executor(self._readers, self._earliest_pending)
         self._loop_task = asyncio.create_task(self._run(), name="engine-loop")
 
-    def _earliest_pending(self) -> int | None:
+    def _earliest_pending(self) -> tuple[int | None, int | None]:
+        """When the first delayed task becomes available and the first timer fires (restart recovery)."""
         with self.store.reader.connect() as conn:
-            return self.store.earliest_pending_task(conn)
+            return self.store.earliest_pending_task(conn), self.store.next_timer_at(conn)
 
     async def stop(self) -> None:
         """Finishes the batch in flight; answers what is still queued with UNAVAILABLE."""
@@ -288,6 +317,7 @@ class Engine:
         idempotency_key: str = "",
         start_node_id: str = "",
         cycle_tolerate: bool = False,
+        timeout_ms: int = 0,
     ) -> tuple[str, bool]:
         op = _Start(
             pipeline_id=pipeline_id or uuid.uuid4().hex,
@@ -298,6 +328,7 @@ class Engine:
             idempotency_key=idempotency_key,
             start_node_id=start_node_id,
             cycle_tolerate=cycle_tolerate,
+            timeout_ms=timeout_ms,
         )
         self.specs.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
         result: tuple[str, bool] = await self._submit(op)
@@ -328,6 +359,35 @@ class Engine:
 
         result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=True))
         return result
+
+    async def control(self, pipeline_id: str, event: Event) -> bool:
+        """Applies an operator's operation; True if it changed something, False if its effect already held."""
+        changed: bool = await self._submit(_Control(pipeline_id=pipeline_id, event=event))
+        return changed
+
+    async def watch(self, pipeline_id: str) -> AsyncIterator[StateChange]:
+        """The pipeline's current state as changes from nothing, then every change until it ends."""
+        queue: asyncio.Queue[tuple[tuple[StateChange, ...], bool]] = asyncio.Queue()
+        self._watchers.setdefault(pipeline_id, set()).add(queue)
+        try:
+            view = await self.get_pipeline(pipeline_id)
+            yield StateChange("", "", view.state.value, "", view.created_at)
+            for run in sorted(view.nodes, key=lambda r: r.started_at):
+                yield StateChange(run.node_id, "", run.state.value, run.version, run.started_at)
+            if view.state in FINAL_PIPELINE_STATES:
+                return
+            while True:
+                changes, final = await queue.get()
+                for change in changes:
+                    yield change
+                if final:
+                    return
+        finally:
+            watchers = self._watchers.get(pipeline_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[pipeline_id]
 
     async def heartbeat(self, token: str, progress_json: str = "") -> HeartbeatResult:
         result: HeartbeatResult = await self._submit(_Heartbeat(TaskToken.parse(token), progress_json))
@@ -440,6 +500,7 @@ class Engine:
             reap = now >= self._next_reap_at
             if reap:
                 self._next_reap_at = now + self.settings.reap_interval_ms
+            fire_timers = reap or (self._next_timer_at is not None and now >= self._next_timer_at)
             recheck = now >= self._next_recheck_at or (self._next_due_at is not None and now >= self._next_due_at)
             if recheck:
                 self._next_recheck_at = now + self.settings.recheck_interval_ms
@@ -449,12 +510,13 @@ class Engine:
                 for p in self._polls.values()
                 if not p.future.done() and (recheck or p.fresh or not p.codes.isdisjoint(self._maybe_codes))
             ]
-            if not ops and not polls and not reap and not releases:
+            if not ops and not polls and not reap and not releases and not fire_timers:
                 continue
             requests = [_ClaimRequest(tuple(sorted(p.codes)), p.max_tasks, p.worker_id) for p in polls]
             self._notified_during_batch = set()
             try:
-                result = await loop.run_in_executor(self._db, self._run_batch, ops, requests, releases, now, reap)
+                cycle = _Cycle(now=now, reap=reap, fire_timers=fire_timers)
+                result = await loop.run_in_executor(self._db, self._run_batch, ops, requests, releases, cycle)
             except Exception as exc:  # the database is unreachable after retries
                 log.error("batch failed: %s", exc)
                 for op in ops:
@@ -472,6 +534,8 @@ class Engine:
         due = min(self._next_reap_at, self._next_recheck_at if self._polls else self._next_reap_at)
         if self._next_due_at is not None and self._polls:
             due = min(due, self._next_due_at)
+        if self._next_timer_at is not None:
+            due = min(due, self._next_timer_at)
         return max(0.0, (due - now) / 1000)
 
     def _deliver(self, ops: list[_Op], polls: list[_Poll], result: _BatchResult, notified: set[str]) -> None:
@@ -497,6 +561,13 @@ class Engine:
         self._maybe_codes = maybe | notified
         if result.next_due_at is not None:
             self._next_due_at = min(result.next_due_at, self._next_due_at or result.next_due_at)
+        if result.timers_checked:
+            self._next_timer_at = result.next_timer_at
+        elif result.next_timer_at is not None:
+            self._next_timer_at = min(result.next_timer_at, self._next_timer_at or result.next_timer_at)
+        for pipeline_id, changes, final in result.changes:
+            for queue in self._watchers.get(pipeline_id, ()):
+                queue.put_nowait((changes, final))
         if (
             self._ops
             or self._releases
@@ -515,15 +586,14 @@ class Engine:
         ops: list[_Op],
         requests: list[_ClaimRequest],
         releases: list[ClaimedTask],
-        now: int,
-        reap: bool,
+        cycle: _Cycle,
     ) -> _BatchResult:
         for attempt in range(6):
             try:
                 if self._writer_conn is None:
                     # One long-lived connection: a pool checkout per batch costs more than the batch's SQL.
                     self._writer_conn = self.store.writer.connect()
-                return _Batch(self, now).run(self._writer_conn, ops, requests, releases, reap)
+                return _Batch(self, cycle).run(self._writer_conn, ops, requests, releases)
             except (OperationalError, DBAPIError) as exc:
                 self._cache.clear()
                 self._discard_writer_connection()
@@ -578,15 +648,19 @@ def _is_transient(exc: DBAPIError) -> bool:
 class _Batch:
     """Applies one batch of operations in one transaction (runs in the database thread)."""
 
-    def __init__(self, engine: Engine, now: int) -> None:
+    def __init__(self, engine: Engine, cycle: _Cycle) -> None:
         self.engine = engine
         self.store = engine.store
         self.settings = engine.settings
-        self.now = now
+        self.cycle = cycle
+        self.now = cycle.now
+        self.changes: list[tuple[str, tuple[StateChange, ...], bool]] = []
+        self.next_timer_at: int | None = None
         self.writes = WriteSet()
         self.working: dict[str, _Cached] = {}
         self.dirty: set[str] = set()
         self.nodes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.node_deletes: dict[tuple[str, str], dict[str, Any]] = {}
         self.task_inserts: dict[str, dict[str, Any]] = {}
         # Task status as this batch has changed it: task_id -> (status, completed_claim, result_kind)
         self.task_status: dict[str, tuple[int, int, int]] = {}
@@ -599,14 +673,19 @@ class _Batch:
         ops: list[_Op],
         requests: list[_ClaimRequest],
         releases: list[ClaimedTask],
-        reap: bool,
     ) -> _BatchResult:
         outcomes: list[Any] = []
         with conn.begin():
             task_rows = self.store.load_tasks(
                 conn, [op.token.task_id for op in ops if isinstance(op, _Report | _Heartbeat)]
             )
-            self._load_pipelines(conn, {row.pipeline_id for row in task_rows.values()})
+            fired = self.store.fire_due_timers(conn, self.now) if self.cycle.fire_timers else []
+            self._load_pipelines(
+                conn,
+                {row.pipeline_id for row in task_rows.values()}
+                | {op.pipeline_id for op in ops if isinstance(op, _Control)}
+                | {timer.pipeline_id for timer in fired},
+            )
             starts = [op for op in ops if isinstance(op, _Start)]
             taken_ids = self.store.existing_pipeline_ids(conn, [op.pipeline_id for op in starts])
             by_key = self.store.pipelines_by_idempotency_key(
@@ -620,6 +699,8 @@ class _Batch:
                         outcomes.append(self._report(op, task_rows.get(op.token.task_id)))
                     elif isinstance(op, _Heartbeat):
                         outcomes.append(self._heartbeat(op, task_rows.get(op.token.task_id)))
+                    elif isinstance(op, _Control):
+                        outcomes.append(self._control(op.pipeline_id, op.event))
                     else:
                         raise AssertionError(f"unknown operation {op!r}")
                 except EngineError as exc:
@@ -628,15 +709,28 @@ class _Batch:
                     # decide() is pure, so a bug in it leaves nothing half-applied: fail this op only.
                     log.exception("operation %r failed", op)
                     outcomes.append(Internal("the engine failed to apply this operation; see the server log"))
+            for timer in fired:
+                self._fire(timer)
             self.writes.task_releases = [{"b_id": t.task_id, "b_claim_no": t.attempt} for t in releases]
             self._flush(conn)
-            requeued = set(self.store.requeue_expired_leases(conn, self.now)) if reap else set()
+            requeued = set(self.store.requeue_expired_leases(conn, self.now)) if self.cycle.reap else set()
             claims = [self._claim(conn, request) for request in requests]
+            timers_checked = self.cycle.fire_timers
+            next_timer_at = self.store.next_timer_at(conn) if timers_checked else self.next_timer_at
         for pipeline_id in self.dirty:
             self.engine._cache_put(pipeline_id, self.working[pipeline_id])
         if requeued:
             log.info("leases expired; tasks offered again for %s", ", ".join(sorted(requeued)))
-        return _BatchResult(outcomes, claims, self.enqueued_codes, requeued, self.next_due_at)
+        return _BatchResult(
+            outcomes,
+            claims,
+            self.enqueued_codes,
+            requeued,
+            self.next_due_at,
+            next_timer_at,
+            timers_checked,
+            self.changes,
+        )
 
     # ------------------------------------------------------------ loading
 
@@ -670,7 +764,7 @@ class _Batch:
             presets=op.presets,
             rerun_limit=self.settings.rerun_limit,
         )
-        decision = decide(snapshot, StartPipeline(op.start_node_id), self.now)
+        decision = decide(snapshot, StartPipeline(op.start_node_id, op.timeout_ms), self.now)
         if decision.rejection is not None:
             raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
         self.writes.new_pipelines.append(
@@ -694,6 +788,26 @@ class _Batch:
             by_key[op.idempotency_key] = op.pipeline_id
         self._apply(op.pipeline_id, decision)
         return op.pipeline_id, True
+
+    def _control(self, pipeline_id: str, event: Event) -> bool:
+        cached = self.working.get(pipeline_id)
+        if cached is None:
+            raise NotFound(f"pipeline {pipeline_id!r} does not exist")
+        decision = decide(cached.snapshot, event, self.now)
+        if decision.rejection is not None:
+            raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
+        if decision.changed:
+            self._apply(pipeline_id, decision)
+        return decision.changed
+
+    def _fire(self, timer: Any) -> None:
+        """A timer is due: the pipeline decides whether it still matters (the attempt may have moved on)."""
+        if timer.pipeline_id not in self.working:
+            return  # the pipeline was purged
+        try:
+            self._control(timer.pipeline_id, TimerFired(timer.kind, timer.node_id, timer.node_version))
+        except EngineError as exc:
+            log.warning("timer %s of pipeline %s: %s", timer.kind, timer.pipeline_id, exc)
 
     def _check_token(self, token: TaskToken, row: Any) -> tuple[int, int, int]:
         """Returns the task's (status, completed_claim, result_kind) if the token is the task's current claim."""
@@ -770,12 +884,35 @@ class _Batch:
                 inputs_json[command.node_id] = self._offer(pipeline_id, command)
             elif isinstance(command, CancelTasks):
                 self._cancel(pipeline_id, command)
+            elif isinstance(command, StartTimer):
+                self._start_timer(pipeline_id, command)
         nodes = decision.snapshot.nodes
         for node_id in decision.changed_node_ids:
+            self.node_deletes.pop((pipeline_id, node_id), None)  # deleted, then reached again in this batch
             self.nodes[(pipeline_id, node_id)] = node_row(
                 pipeline_id, nodes[node_id], inputs_json=inputs_json.get(node_id)
             )
+        for node_id in decision.removed_node_ids:
+            self.nodes.pop((pipeline_id, node_id), None)
+            self.node_deletes[(pipeline_id, node_id)] = {"b_pipeline_id": pipeline_id, "b_node_id": node_id}
         self.writes.history_inserts.extend(history_row(pipeline_id, run) for run in decision.histories)
+        if decision.changes:
+            final = decision.snapshot.state in FINAL_PIPELINE_STATES
+            self.changes.append((pipeline_id, decision.changes, final))
+
+    def _start_timer(self, pipeline_id: str, command: StartTimer) -> None:
+        self.writes.timer_inserts.append(
+            {
+                "id": uuid.uuid4().hex,
+                "pipeline_id": pipeline_id,
+                "node_id": command.node_id,
+                "node_version": command.version,
+                "kind": command.kind,
+                "fire_at": command.fire_at,
+                "status": 0,
+            }
+        )
+        self.next_timer_at = min(command.fire_at, self.next_timer_at or command.fire_at)
 
     def _offer(self, pipeline_id: str, command: OfferTask) -> str:
         task_id = uuid.uuid4().hex
@@ -845,6 +982,7 @@ class _Batch:
             )
             self.working[pipeline_id] = _Cached(snapshot, new_version, cached.runtime_json)
         self.writes.node_upserts = list(self.nodes.values())
+        self.writes.node_deletes = list(self.node_deletes.values())
         self.writes.task_inserts = list(self.task_inserts.values())
         self.store.write(conn, self.writes)
 

@@ -5,13 +5,28 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc, worker_pb2, worker_pb2_grpc
 from engine_server import converters
+from engine_server.core.decide import (
+    Callback,
+    Event,
+    ForceFail,
+    PauseNode,
+    PausePipeline,
+    ResumeNode,
+    ResumePipeline,
+    RetryNode,
+    RetrySubprocess,
+    RevokePipeline,
+    SkipConditionalParallelGateway,
+    SkipExclusiveGateway,
+    SkipNode,
+)
 from engine_server.core.model import PipelineState
 from engine_server.core.tree import Problem, TreeError, check_variables, load_tree_json, parse_tree
 from engine_server.engine import Engine
@@ -60,16 +75,6 @@ def maps_errors(method: Handler[Request, Response]) -> Handler[Request, Response
         raise AssertionError("context.abort returns by raising")
 
     return wrapper
-
-
-def not_yet(name: str) -> Any:
-    async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this engine server version yet"
-        )
-
-    handler.__name__ = name
-    return handler
 
 
 class Limits:
@@ -150,6 +155,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             idempotency_key=request.idempotency_key,
             start_node_id=request.start_node_id,
             cycle_tolerate=request.cycle_tolerate,
+            timeout_ms=max(0, request.timeout_ms),
         )
         return engine_pb2.StartPipelineResponse(pipeline_id=pipeline_id, created=created)
 
@@ -232,20 +238,108 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             response.next_page_token = f"{rows[-1].created_at}:{rows[-1].id}"
         return response
 
-    # Control operations arrive with the next engine version; until then they say so.
-    PausePipeline = not_yet("PausePipeline")
-    ResumePipeline = not_yet("ResumePipeline")
-    RevokePipeline = not_yet("RevokePipeline")
-    PauseNode = not_yet("PauseNode")
-    ResumeNode = not_yet("ResumeNode")
-    RetryNode = not_yet("RetryNode")
-    RetrySubprocess = not_yet("RetrySubprocess")
-    SkipNode = not_yet("SkipNode")
-    SkipExclusiveGateway = not_yet("SkipExclusiveGateway")
-    SkipConditionalParallelGateway = not_yet("SkipConditionalParallelGateway")
-    ForceFailNode = not_yet("ForceFailNode")
-    Callback = not_yet("Callback")
-    Watch = not_yet("Watch")
+    # ---------------------------------------------------------------- control operations
+
+    async def _control(self, pipeline_id: str, event: Event) -> engine_pb2.OperationResponse:
+        changed = await self.engine.control(_required(pipeline_id, "pipeline_id"), event)
+        return engine_pb2.OperationResponse(changed=changed)
+
+    @maps_errors
+    async def PausePipeline(
+        self, request: engine_pb2.PipelineTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, PausePipeline(request.subprocess_id))
+
+    @maps_errors
+    async def ResumePipeline(
+        self, request: engine_pb2.PipelineTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, ResumePipeline(request.subprocess_id))
+
+    @maps_errors
+    async def RevokePipeline(
+        self, request: engine_pb2.PipelineTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, RevokePipeline(request.subprocess_id))
+
+    @maps_errors
+    async def PauseNode(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, PauseNode(_required(request.node_id, "node_id")))
+
+    @maps_errors
+    async def ResumeNode(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, ResumeNode(_required(request.node_id, "node_id")))
+
+    @maps_errors
+    async def RetryNode(
+        self, request: engine_pb2.RetryNodeRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        inputs = self.limits.json_object(request.inputs_json, "inputs_json") if request.inputs_json else None
+        return await self._control(request.pipeline_id, RetryNode(_required(request.node_id, "node_id"), inputs))
+
+    @maps_errors
+    async def RetrySubprocess(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, RetrySubprocess(_required(request.node_id, "node_id")))
+
+    @maps_errors
+    async def SkipNode(
+        self, request: engine_pb2.NodeTarget, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        return await self._control(request.pipeline_id, SkipNode(_required(request.node_id, "node_id")))
+
+    @maps_errors
+    async def SkipExclusiveGateway(
+        self, request: engine_pb2.SkipExclusiveGatewayRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        event = SkipExclusiveGateway(_required(request.node_id, "node_id"), _required(request.flow_id, "flow_id"))
+        return await self._control(request.pipeline_id, event)
+
+    @maps_errors
+    async def SkipConditionalParallelGateway(
+        self, request: engine_pb2.SkipConditionalParallelGatewayRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        event = SkipConditionalParallelGateway(_required(request.node_id, "node_id"), tuple(request.flow_ids))
+        return await self._control(request.pipeline_id, event)
+
+    @maps_errors
+    async def ForceFailNode(
+        self, request: engine_pb2.ForceFailNodeRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        self.limits.payload(request.message, "message")
+        event = ForceFail(_required(request.node_id, "node_id"), request.message)
+        return await self._control(request.pipeline_id, event)
+
+    @maps_errors
+    async def Callback(
+        self, request: engine_pb2.CallbackRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.OperationResponse:
+        data = self.limits.json_value(request.data_json, "data_json") if request.data_json else None
+        event = Callback(_required(request.node_id, "node_id"), _required(request.version, "version"), data)
+        return await self._control(request.pipeline_id, event)
+
+    async def Watch(
+        self, request: engine_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[engine_pb2.StateChange]:
+        if not request.pipeline_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pipeline_id is required")
+        try:
+            async for change in self.engine.watch(request.pipeline_id):
+                yield engine_pb2.StateChange(
+                    pipeline_id=request.pipeline_id,
+                    node_id=change.node_id,
+                    old_state=change.old_state,
+                    new_state=change.new_state,
+                    version=change.version,
+                    at_unix_ms=change.at,
+                )
+        except EngineError as exc:
+            await context.abort(STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):

@@ -138,3 +138,20 @@ tasks = Table(
     Index("ix_tasks_lease", "status", "lease_deadline"),
     Index("ix_tasks_node", "pipeline_id", "node_id"),
 )
+
+# Timer status values.
+PENDING, FIRED = 0, 1
+
+# Node time-outs and pipeline time-outs: claimed like tasks, so each fires once even with several replicas.
+timers = Table(
+    "timers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("pipeline_id", ID, nullable=False),
+    Column("node_id", ID, nullable=False, default=""),
+    Column("node_version", String(32), nullable=False, default=""),
+    Column("kind", String(32), nullable=False),
+    Column("fire_at", BigInteger, nullable=False),
+    Column("status", SmallInteger, nullable=False, default=PENDING),
+    Index("ix_timers_due", "status", "fire_at"),
+)

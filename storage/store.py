@@ -18,12 +18,15 @@ from storage.schema import (
     CANCELLED,
     CLAIMED,
     DONE,
+    FIRED,
+    PENDING,
     QUEUED,
     metadata,
     node_histories,
     node_states,
     pipelines,
     tasks,
+    timers,
 )
 
 
@@ -42,8 +45,11 @@ class WriteSet:
     task_cancels: list[dict[str, Any]] = field(default_factory=list)
     # {"b_id", "b_claim_no", "lease_deadline", "progress_json"}
     lease_extensions: list[dict[str, Any]] = field(default_factory=list)
-    # {"id", "claim_no"}: claimed tasks that never reached a worker (the poll was gone).
+    # {"b_id", "b_claim_no"}: claimed tasks that never reached a worker (the poll was gone).
     task_releases: list[dict[str, Any]] = field(default_factory=list)
+    # {"b_pipeline_id", "b_node_id"}: node states that are gone (a lifted pause appointment).
+    node_deletes: list[dict[str, Any]] = field(default_factory=list)
+    timer_inserts: list[dict[str, Any]] = field(default_factory=list)
 
 
 TASK_COLUMNS = (
@@ -193,6 +199,25 @@ class Store:
             )
             .values(status=QUEUED, claim_no=tasks.c.claim_no - 1, lease_deadline=0, worker_id="")
         )
+        due_timers = (
+            select(timers.c.id)
+            .where(timers.c.status == PENDING, timers.c.fire_at <= bindparam("now"))
+            .order_by(timers.c.fire_at)
+            .limit(bindparam("limit"))
+        )
+        if lock:
+            due_timers = due_timers.with_for_update(skip_locked=True)
+        self._fire_timers = (
+            update(timers)
+            .where(timers.c.id.in_(due_timers.scalar_subquery()))
+            .values(status=FIRED)
+            .returning(timers.c.pipeline_id, timers.c.node_id, timers.c.node_version, timers.c.kind, timers.c.fire_at)
+        )
+        self._next_timer = select(func.min(timers.c.fire_at)).where(timers.c.status == PENDING)
+        self._delete_nodes = node_states.delete().where(
+            node_states.c.pipeline_id == bindparam("b_pipeline_id"), node_states.c.node_id == bindparam("b_node_id")
+        )
+        self._insert_timers = timers.insert()
         self._insert_pipelines = pipelines.insert()
         self._insert_histories = node_histories.insert()
         self._insert_tasks = tasks.insert()
@@ -290,6 +315,16 @@ class Store:
         """Offers again every claimed task whose lease ran out; returns their component codes."""
         return [row.component_code for row in conn.execute(self._requeue, {"now": now})]
 
+    def fire_due_timers(self, conn: Connection, now: int, limit: int = 500) -> list[Row[Any]]:
+        """Marks due timers fired and returns them; the caller applies them in the same transaction."""
+        rows = list(conn.execute(self._fire_timers, {"now": now, "limit": limit}))
+        rows.sort(key=lambda row: row.fire_at)
+        return rows
+
+    def next_timer_at(self, conn: Connection) -> int | None:
+        next_at: int | None = conn.scalar(self._next_timer)
+        return next_at
+
     def earliest_pending_task(self, conn: Connection) -> int | None:
         earliest: int | None = conn.scalar(select(func.min(tasks.c.available_at)).where(tasks.c.status == QUEUED))
         return earliest
@@ -308,6 +343,8 @@ class Store:
             (self._insert_tasks, changes.task_inserts),
             (self._extend_leases, changes.lease_extensions),
             (self._release_tasks, changes.task_releases),
+            (self._delete_nodes, changes.node_deletes),
+            (self._insert_timers, changes.timer_inserts),
         ):
             if rows:
                 conn.execute(statement, rows)

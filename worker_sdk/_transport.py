@@ -364,6 +364,7 @@ class EngineTransport(_Caller):
         start_node_id: str,
         cycle_tolerate: bool,
         template_id: str,
+        timeout_ms: int,
         timeout: float | None,
     ) -> tuple[str, bool]:
         request = engine_pb2.StartPipelineRequest(
@@ -374,6 +375,7 @@ class EngineTransport(_Caller):
             start_node_id=start_node_id,
             cycle_tolerate=cycle_tolerate,
             template_id=template_id,
+            timeout_ms=timeout_ms,
         )
         response: engine_pb2.StartPipelineResponse = self._unary(self._stub.StartPipeline, request, timeout)
         return response.pipeline_id, response.created

@@ -90,13 +90,15 @@ class EngineClient:
         start_node_id: str | None = None,
         cycle_tolerate: bool = False,
         template_id: str | None = None,
+        timeout_ms: int = 0,
     ) -> str:
         """Validates and starts a pipeline; returns its id.
 
         `tree` is a bamboo pipeline tree (a dict such as `build_tree` returns, or JSON text); it may
         be None when `template_id` names a registered template. `inputs` fill the tree's
         ``data.inputs``, keyed like the tree (``"${name}"`` or ``"name"``). A second start with the
-        same `idempotency_key` returns the first pipeline's id.
+        same `idempotency_key` returns the first pipeline's id. With `timeout_ms`, the engine revokes
+        the pipeline if it has not ended that long after it started.
         """
         if tree is None and not template_id:
             raise ValueError("start() needs a tree or a template_id")
@@ -108,6 +110,7 @@ class EngineClient:
             start_node_id=start_node_id or "",
             cycle_tolerate=cycle_tolerate,
             template_id=template_id or "",
+            timeout_ms=timeout_ms,
             timeout=self.timeout,
         )
         return started_id

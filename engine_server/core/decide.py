@@ -47,6 +47,8 @@ from engine_server.core.states import ACTIVE_NODE_STATES, can_transition
 @dataclass(frozen=True, slots=True)
 class StartPipeline:
     start_node_id: str = ""
+    # The whole pipeline is revoked if it has not ended this long after it started (0 = never).
+    timeout_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +72,106 @@ class TaskFailed:
     transient_retry_budget: int = 0
 
 
-Event = StartPipeline | TaskCompleted | TaskFailed
+@dataclass(frozen=True, slots=True)
+class PausePipeline:
+    """Pause the pipeline, or with `scope` one subprocess node (the root keeps RUNNING)."""
+
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumePipeline:
+    scope: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RevokePipeline:
+    scope: str = ""
+    reason: str = "revoked by an operator"
+
+
+@dataclass(frozen=True, slots=True)
+class PauseNode:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeNode:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryNode:
+    node_id: str
+    # New inputs replace the failed attempt's rendered inputs; None keeps them.
+    inputs: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySubprocess:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SkipNode:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SkipExclusiveGateway:
+    node_id: str
+    flow_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SkipConditionalParallelGateway:
+    node_id: str
+    flow_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForceFail:
+    node_id: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Callback:
+    node_id: str
+    version: str
+    data: Any = None
+
+
+class TimerKind:
+    NODE_TIMEOUT = "node_timeout"
+    PIPELINE_TIMEOUT = "pipeline_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    kind: str
+    node_id: str = ""
+    version: str = ""
+
+
+Event = (
+    StartPipeline
+    | TaskCompleted
+    | TaskFailed
+    | PausePipeline
+    | ResumePipeline
+    | RevokePipeline
+    | PauseNode
+    | ResumeNode
+    | RetryNode
+    | RetrySubprocess
+    | SkipNode
+    | SkipExclusiveGateway
+    | SkipConditionalParallelGateway
+    | ForceFail
+    | Callback
+    | TimerFired
+)
 
 # ---------------------------------------------------------------- results
 
@@ -108,7 +209,17 @@ class CancelTasks:
     reason: str
 
 
-Command = OfferTask | CancelTasks
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Deliver `TimerFired(kind, node_id, version)` at `fire_at` (it does nothing if the attempt moved on)."""
+
+    kind: str
+    node_id: str
+    version: str
+    fire_at: int
+
+
+Command = OfferTask | CancelTasks | StartTimer
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +247,12 @@ class Decision:
     rejection: Rejection | None = None
     # True when variables, joins or outputs changed (the pipeline's runtime data must be saved).
     runtime_changed: bool = False
+    # Nodes whose state is gone (a pause appointment lifted before the path arrived).
+    removed_node_ids: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changed_node_ids or self.changes or self.removed_node_ids or self.runtime_changed)
 
 
 # ---------------------------------------------------------------- the function
@@ -143,15 +260,31 @@ class Decision:
 
 def decide(snapshot: Snapshot, event: Event, now: int) -> Decision:
     step = _Step(snapshot, now)
-    if isinstance(event, StartPipeline):
-        step.start(event)
-    elif isinstance(event, TaskCompleted):
-        step.task_completed(event)
-    else:
-        step.task_failed(event)
+    handler = getattr(step, _HANDLERS[type(event)])
+    handler(event)
     if step.rejection is None:
         step.settle()
     return step.decision()
+
+
+_HANDLERS: dict[type[Any], str] = {
+    StartPipeline: "start",
+    TaskCompleted: "task_completed",
+    TaskFailed: "task_failed",
+    PausePipeline: "pause_pipeline",
+    ResumePipeline: "resume_pipeline",
+    RevokePipeline: "revoke_pipeline",
+    PauseNode: "pause_node",
+    ResumeNode: "resume_node",
+    RetryNode: "retry_node",
+    RetrySubprocess: "retry_subprocess",
+    SkipNode: "skip_node",
+    SkipExclusiveGateway: "skip_exclusive_gateway",
+    SkipConditionalParallelGateway: "skip_conditional_parallel_gateway",
+    ForceFail: "force_fail",
+    Callback: "callback",
+    TimerFired: "timer_fired",
+}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,6 +331,10 @@ class _Step:
         self.changes: list[StateChange] = []
         self.rejection: Rejection | None = None
         self.failed_count = snapshot.failed_count
+        self.parked: list[tuple[str, tuple[str, ...]]] = list(snapshot.parked)
+        self.callbacks: dict[str, tuple[Any, ...]] = dict(snapshot.callbacks)
+        self.removed: set[str] = set()
+        self.revoked_any = False
         self._rendering: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------ bookkeeping
@@ -215,6 +352,8 @@ class _Step:
             joins=self.joins,
             outputs=self.outputs,
             failed_count=self.failed_count,
+            parked=tuple(self.parked),
+            callbacks=self.callbacks,
         )
         return Decision(
             snapshot,
@@ -223,6 +362,7 @@ class _Step:
             tuple(self.commands),
             tuple(self.changes),
             runtime_changed=self.runtime_changed,
+            removed_node_ids=tuple(sorted(self.removed)),
         )
 
     def reject(self, kind: str, message: str) -> None:
@@ -246,14 +386,22 @@ class _Step:
         self.failed_count += (run.state is NodeState.FAILED) - was_failed
         self.nodes[run.node_id] = run
         self.changed[run.node_id] = None
+        self.removed.discard(run.node_id)
+
+    def remove(self, node_id: str) -> None:
+        run = self.nodes.pop(node_id)
+        self.changed.pop(node_id, None)
+        self.removed.add(node_id)
+        self.changes.append(StateChange(node_id, run.state.value, "", run.version, self.now))
 
     def set_pipeline_state(self, state: PipelineState) -> None:
         if state is self.state:
             return
         self.changes.append(StateChange("", self.state.value, state.value, "", self.now))
         self.state = state
-        if state in (PipelineState.FINISHED, PipelineState.REVOKED, PipelineState.FAILED):
-            self.finished_at = self.now
+        self.finished_at = (
+            self.now if state in (PipelineState.FINISHED, PipelineState.REVOKED, PipelineState.FAILED) else 0
+        )
 
     def current_attempt(self, node_id: str, version: str) -> NodeRun | None:
         """The node's RUNNING attempt of `version`, or None after rejecting the event."""
@@ -364,6 +512,8 @@ class _Step:
         except (ExpressionError, VariableError, LazyError, KeyError) as exc:
             self.reject("invalid_argument", f"cannot set up the pipeline's variables: {_describe(exc)}")
             return
+        if event.timeout_ms > 0:
+            self.commands.append(StartTimer(TimerKind.PIPELINE_TIMEOUT, "", "", self.now + event.timeout_ms))
         self.walk([_Arrival(first, ())])
 
     def task_completed(self, event: TaskCompleted) -> None:
@@ -377,7 +527,14 @@ class _Step:
             self.offer(run, TaskKind.SCHEDULE, available_at=self.now + event.poll_after_ms)
             return
         if event.await_callback:
-            self.put(replace(run, outputs=outputs, awaiting_callback=True))
+            queued = self.callbacks.get(run.node_id, ())
+            if queued:  # a callback arrived while the worker handled the previous one
+                self.set_callbacks(run.node_id, queued[1:])
+                run = replace(run, outputs=outputs, schedule_times=run.schedule_times + 1, awaiting_callback=False)
+                self.put(run)
+                self.offer(run, TaskKind.SCHEDULE, available_at=self.now, callback_data=queued[0])
+            else:
+                self.put(replace(run, outputs=outputs, awaiting_callback=True))
             return
         outputs["_result"] = True
         done = replace(run, state=NodeState.FINISHED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
@@ -441,6 +598,10 @@ class _Step:
         while pending:
             arrival = pending.popleft()
             node = self.tree.nodes[arrival.node_id]
+            if self.blocked(node.id):
+                self.parked.append((node.id, arrival.forks))
+                self.runtime_changed = True
+                continue
             if node.type is NodeType.CONVERGE_GATEWAY:
                 forks = self.arrive_at_converge(node, arrival.forks)
                 if forks is None:
@@ -475,6 +636,8 @@ class _Step:
         entry = self.nodes[scope].version if scope else ""
         old = self.nodes.get(node.id)
         loop = inner_loop = 1
+        if old is not None and _is_appointment(old):
+            old = None  # a lifted pause appointment is not an earlier attempt
         if old is not None:
             if old.state in ACTIVE_NODE_STATES and node.type in TASK_NODES:
                 self.commands.append(CancelTasks(old.node_id, old.version, "the node was entered again"))
@@ -533,6 +696,10 @@ class _Step:
         run = self.enter(node, forks, NodeState.RUNNING)
         if run is None:
             return []
+        return self.start_subprocess(node, run)
+
+    def start_subprocess(self, node: NodeSpec, run: NodeRun) -> list[_Arrival]:
+        """Renders the params in the parent, sets up the child level, and sends a path to its start event."""
         parent = self.tree.scope_of[node.id]
         child = node.subprocess
         assert child is not None
@@ -594,9 +761,9 @@ class _Step:
         self.joins.pop(fork, None)
         return forks[:-1]
 
-    def choose_branches(self, node: NodeSpec, forks: tuple[str, ...]) -> list[_Arrival]:
+    def choose_branches(self, node: NodeSpec, forks: tuple[str, ...], run: NodeRun | None = None) -> list[_Arrival]:
         """Exclusive and conditional parallel gateways: evaluate conditions and pick the flows to take."""
-        run = self.enter(node, forks, NodeState.RUNNING)
+        run = run or self.enter(node, forks, NodeState.RUNNING)
         if run is None:
             return []
         scope = self.tree.scope_of[node.id]
@@ -634,6 +801,10 @@ class _Step:
 
     def offer(self, run: NodeRun, kind: str, *, available_at: int, callback_data: Any = None) -> None:
         node = self.tree.nodes[run.node_id]
+        if kind == TaskKind.EXECUTE and node.timeout_ms > 0:
+            self.commands.append(
+                StartTimer(TimerKind.NODE_TIMEOUT, run.node_id, run.version, available_at + node.timeout_ms)
+            )
         self.commands.append(
             OfferTask(
                 node_id=run.node_id,
@@ -657,14 +828,14 @@ class _Step:
 
         A failed subprocess is a failed node of its parent, so failure climbs until a level still has work.
         """
-        if self.failed_count <= 0 or self.state is not PipelineState.RUNNING:
+        if (self.failed_count <= 0 and not self.revoked_any) or self.state is not PipelineState.RUNNING:
             return
         while True:
             failed: set[str] = set()
             active: set[str] = set()
             for node_id, run in self.nodes.items():
                 scope = self.tree.scope_of[node_id]
-                if run.state is NodeState.FAILED:
+                if run.state is NodeState.FAILED or (run.state is NodeState.REVOKED and node_id in self.tree.scopes):
                     failed.add(scope)
                 elif run.state in ACTIVE_NODE_STATES:
                     active.add(scope)
@@ -686,6 +857,378 @@ class _Step:
         if not scope:
             return self.state is PipelineState.RUNNING
         return self.nodes[scope].state is NodeState.RUNNING
+
+    # ------------------------------------------------------------ control operations
+
+    def set_callbacks(self, node_id: str, queued: tuple[Any, ...]) -> None:
+        if queued:
+            self.callbacks[node_id] = queued
+        else:
+            self.callbacks.pop(node_id, None)
+        self.runtime_changed = True
+
+    def blocked(self, node_id: str) -> bool:
+        """A path stops here: the pipeline or an enclosing subprocess is paused, or the node is appointed to."""
+        if self.state is PipelineState.SUSPENDED:
+            return True
+        run = self.nodes.get(node_id)
+        if run is not None and _is_appointment(run):
+            return True
+        scope = self.tree.scope_of[node_id]
+        while scope:
+            if self.nodes[scope].state is NodeState.SUSPENDED:
+                return True
+            scope = self.tree.scope_of[scope]
+        return False
+
+    def unpark(self) -> None:
+        """Walks every stopped path again; those still blocked stop again."""
+        parked, self.parked = self.parked, []
+        self.runtime_changed = True
+        self.walk([_Arrival(node_id, forks) for node_id, forks in parked])
+
+    def open_pipeline(self, operation: str) -> bool:
+        if self.state in (PipelineState.FINISHED, PipelineState.REVOKED):
+            self.reject(
+                "failed_precondition",
+                f"pipeline {self.old.pipeline_id!r} is {self.state.value}, so it cannot be {operation}",
+            )
+            return False
+        return True
+
+    def node_spec(self, node_id: str) -> NodeSpec | None:
+        node = self.tree.nodes.get(node_id)
+        if node is None:
+            self.reject("not_found", f"pipeline {self.old.pipeline_id!r} has no node {node_id!r}")
+        return node
+
+    def node_in_state(self, node_id: str, operation: str, *states: NodeState) -> NodeRun | None:
+        """The node's run if it is in one of `states`; otherwise rejects saying which state it is in."""
+        if self.node_spec(node_id) is None:
+            return None
+        run = self.nodes.get(node_id)
+        if run is None or _is_appointment(run) or run.state not in states:
+            now = "has not been reached" if run is None or _is_appointment(run) else f"is {run.state.value}"
+            wanted = " or ".join(state.value for state in states)
+            self.reject("failed_precondition", f"node {node_id!r} {now}; only a {wanted} node can be {operation}")
+            return None
+        return run
+
+    def subprocess_run(self, scope: str, operation: str) -> NodeRun | None:
+        node = self.node_spec(scope)
+        if node is None:
+            return None
+        if node.type is not NodeType.SUBPROCESS:
+            self.reject("invalid_argument", f"node {scope!r} is a {node.type.value}, not a SubProcess")
+            return None
+        run = self.nodes.get(scope)
+        if run is None:
+            self.reject(
+                "failed_precondition", f"subprocess {scope!r} has not been reached, so it cannot be {operation}"
+            )
+        return run
+
+    def reopen_levels(self, node_id: str) -> None:
+        """A failed node runs again: the subprocesses around it and the pipeline are no longer FAILED."""
+        scope = self.tree.scope_of[node_id]
+        while scope:
+            run = self.nodes[scope]
+            if run.state is NodeState.FAILED:
+                outputs = {k: v for k, v in run.outputs.items() if k not in ("ex_data", "_result")}
+                self.put(replace(run, state=NodeState.RUNNING, finished_at=0, outputs=outputs))
+            scope = self.tree.scope_of[scope]
+        if self.state is PipelineState.FAILED:
+            self.set_pipeline_state(PipelineState.RUNNING)
+
+    def pause_pipeline(self, event: PausePipeline) -> None:
+        if not self.open_pipeline("paused"):
+            return
+        if event.scope:
+            run = self.subprocess_run(event.scope, "paused")
+            if run is None or run.state is NodeState.SUSPENDED:
+                return
+            if run.state is not NodeState.RUNNING:
+                self.reject(
+                    "failed_precondition",
+                    f"subprocess {event.scope!r} is {run.state.value}; only a RUNNING one can be paused",
+                )
+                return
+            self.put(replace(run, state=NodeState.SUSPENDED))
+            return
+        if self.state is PipelineState.FAILED:
+            self.reject(
+                "failed_precondition",
+                f"pipeline {self.old.pipeline_id!r} is FAILED; retry or skip the failed node first",
+            )
+            return
+        self.set_pipeline_state(PipelineState.SUSPENDED)
+
+    def resume_pipeline(self, event: ResumePipeline) -> None:
+        if not self.open_pipeline("resumed"):
+            return
+        if event.scope:
+            run = self.subprocess_run(event.scope, "resumed")
+            if run is None or run.state is not NodeState.SUSPENDED:
+                return
+            self.put(replace(run, state=NodeState.RUNNING))
+        elif self.state is PipelineState.SUSPENDED:
+            self.set_pipeline_state(PipelineState.RUNNING)
+        else:
+            return
+        self.unpark()
+
+    def revoke_pipeline(self, event: RevokePipeline) -> None:
+        if self.state is PipelineState.REVOKED:
+            return
+        if not self.open_pipeline("revoked"):
+            return
+        if event.scope:
+            run = self.subprocess_run(event.scope, "revoked")
+            if run is None or run.state is NodeState.REVOKED:
+                return
+            if run.state is NodeState.FINISHED:
+                self.reject("failed_precondition", f"subprocess {event.scope!r} is FINISHED, so it cannot be revoked")
+                return
+            self.revoke_nodes(lambda node_id: self.inside(node_id, event.scope), event.reason)
+            self.put(replace(self.nodes[event.scope], state=NodeState.REVOKED, finished_at=self.now))
+            self.revoked_any = True
+            return
+        self.revoke_nodes(lambda node_id: True, event.reason)
+        self.set_pipeline_state(PipelineState.REVOKED)
+
+    def inside(self, node_id: str, scope: str) -> bool:
+        level = self.tree.scope_of[node_id]
+        while level:
+            if level == scope:
+                return True
+            level = self.tree.scope_of[level]
+        return False
+
+    def revoke_nodes(self, selected: Any, reason: str) -> None:
+        """Unfinished nodes become REVOKED; their open tasks are withdrawn; stopped paths are dropped."""
+        for node_id, run in list(self.nodes.items()):
+            if not selected(node_id) or run.state not in (NodeState.RUNNING, NodeState.READY, NodeState.SUSPENDED):
+                continue
+            if _is_appointment(run):
+                self.remove(node_id)
+                continue
+            if self.tree.nodes[node_id].type in TASK_NODES and run.state is NodeState.RUNNING:
+                self.commands.append(CancelTasks(node_id, run.version, reason))
+            self.put(replace(run, state=NodeState.REVOKED, finished_at=self.now, awaiting_callback=False))
+            self.callbacks.pop(node_id, None)
+        kept = [(node_id, forks) for node_id, forks in self.parked if not selected(node_id)]
+        if len(kept) != len(self.parked):
+            self.parked = kept
+            self.runtime_changed = True
+
+    def pause_node(self, event: PauseNode) -> None:
+        node = self.node_spec(event.node_id)
+        if node is None or not self.open_pipeline("changed"):
+            return
+        run = self.nodes.get(node.id)
+        if run is not None and _is_appointment(run):
+            return
+        if run is not None:
+            self.reject(
+                "failed_precondition",
+                f"node {node.id!r} is {run.state.value}; only a node the pipeline has not reached can be "
+                "appointed to pause (pause the pipeline to stop running work)",
+            )
+            return
+        if node.type is NodeType.EMPTY_START_EVENT:
+            self.reject("invalid_argument", f"node {node.id!r} is the start event; it cannot be paused")
+            return
+        self.put(NodeRun(node_id=node.id, state=NodeState.SUSPENDED, version=self.new_version()))
+
+    def resume_node(self, event: ResumeNode) -> None:
+        node = self.node_spec(event.node_id)
+        if node is None or not self.open_pipeline("changed"):
+            return
+        run = self.nodes.get(node.id)
+        if run is None or not _is_appointment(run):
+            return  # not paused: nothing to resume
+        self.remove(node.id)
+        waiting = [(node_id, forks) for node_id, forks in self.parked if node_id == node.id]
+        if waiting:
+            self.parked = [(node_id, forks) for node_id, forks in self.parked if node_id != node.id]
+            self.walk([_Arrival(node_id, forks) for node_id, forks in waiting])
+        self.runtime_changed = True
+
+    def reattempt(self, old: NodeRun, state: NodeState) -> NodeRun:
+        """A new attempt of a node in the same loop (retry): the old one goes to history."""
+        self.histories.append(old)
+        return replace(
+            old,
+            state=state,
+            version=self.new_version(),
+            retry=old.retry + 1,
+            skip=False,
+            error_ignored=False,
+            outputs={},
+            schedule_times=0,
+            awaiting_callback=False,
+            started_at=self.now,
+            finished_at=0,
+        )
+
+    def retry_node(self, event: RetryNode) -> None:
+        run = self.node_in_state(event.node_id, "retried", NodeState.FAILED)
+        if run is None or not self.open_pipeline("changed"):
+            return
+        node = self.tree.nodes[run.node_id]
+        if node.type is NodeType.SUBPROCESS:
+            self.reject("invalid_argument", f"node {node.id!r} is a SubProcess: use RetrySubprocess")
+            return
+        if not node.retryable:
+            self.reject("failed_precondition", f"node {node.id!r} is not retryable (retryable: false in the tree)")
+            return
+        self.reopen_levels(node.id)
+        self.callbacks.pop(node.id, None)
+        if node.type in TASK_NODES:
+            inputs = dict(run.inputs) if event.inputs is None else {**event.inputs}
+            inputs.update(_loop=run.loop, _inner_loop=run.inner_loop)
+            attempt = replace(self.reattempt(run, NodeState.RUNNING), inputs=inputs)
+            self.put(attempt)
+            self.offer(attempt, TaskKind.EXECUTE, available_at=self.now)
+            return
+        attempt = self.reattempt(run, NodeState.RUNNING)
+        self.put(attempt)
+        self.walk_from_gateway(node, attempt)
+
+    def walk_from_gateway(self, node: NodeSpec, run: NodeRun) -> None:
+        if node.type in (NodeType.EXCLUSIVE_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY):
+            self.walk(self.choose_branches(node, run.forks, run))
+        else:  # any other node the engine evaluates: finish it again and move on
+            done = replace(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True})
+            self.put(done)
+            self.move_on(done)
+
+    def retry_subprocess(self, event: RetrySubprocess) -> None:
+        run = self.node_in_state(event.node_id, "retried", NodeState.FAILED)
+        if run is None or not self.open_pipeline("changed"):
+            return
+        node = self.tree.nodes[run.node_id]
+        if node.type is not NodeType.SUBPROCESS:
+            self.reject("invalid_argument", f"node {node.id!r} is a {node.type.value}: use RetryNode")
+            return
+        self.reopen_levels(node.id)
+        attempt = self.reattempt(run, NodeState.RUNNING)
+        self.put(attempt)
+        self.walk(self.start_subprocess(node, attempt))
+
+    def skip_node(self, event: SkipNode) -> None:
+        run = self.node_in_state(event.node_id, "skipped", NodeState.FAILED)
+        if run is None or not self.open_pipeline("changed"):
+            return
+        node = self.tree.nodes[run.node_id]
+        if node.type in (NodeType.EXCLUSIVE_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY):
+            self.reject(
+                "invalid_argument", f"node {node.id!r} is a {node.type.value}: skip it naming the flow(s) to take"
+            )
+            return
+        if not node.skippable:
+            self.reject("failed_precondition", f"node {node.id!r} is not skippable (skippable: false in the tree)")
+            return
+        self.reopen_levels(node.id)
+        self.callbacks.pop(node.id, None)
+        done = replace(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
+        self.put(done)  # a skipped node's outputs are not copied to the variables
+        self.move_on(done)
+
+    def skip_gateway(self, node_id: str, flow_ids: tuple[str, ...], kind: NodeType) -> NodeRun | None:
+        run = self.node_in_state(node_id, "skipped", NodeState.FAILED)
+        if run is None or not self.open_pipeline("changed"):
+            return None
+        node = self.tree.nodes[node_id]
+        if node.type is not kind:
+            self.reject("invalid_argument", f"node {node_id!r} is a {node.type.value}, not a {kind.value}")
+            return None
+        unknown = [flow_id for flow_id in flow_ids if flow_id not in node.outgoing]
+        if unknown or not flow_ids:
+            self.reject(
+                "invalid_argument",
+                f"gateway {node_id!r}: name outgoing flows to take ({', '.join(node.outgoing)}); "
+                f"not {', '.join(unknown) or 'none'}",
+            )
+            return None
+        self.reopen_levels(node_id)
+        done = replace(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
+        self.put(done)
+        return done
+
+    def skip_exclusive_gateway(self, event: SkipExclusiveGateway) -> None:
+        done = self.skip_gateway(event.node_id, (event.flow_id,), NodeType.EXCLUSIVE_GATEWAY)
+        if done is not None:
+            self.walk([_Arrival(self.tree.flows[event.flow_id].target, done.forks)])
+
+    def skip_conditional_parallel_gateway(self, event: SkipConditionalParallelGateway) -> None:
+        flows = tuple(dict.fromkeys(event.flow_ids))
+        done = self.skip_gateway(event.node_id, flows, NodeType.CONDITIONAL_PARALLEL_GATEWAY)
+        if done is not None:
+            self.open_join(done.node_id, len(flows))
+            self.walk([_Arrival(self.tree.flows[f].target, (*done.forks, done.node_id)) for f in flows])
+
+    def force_fail(self, event: ForceFail) -> None:
+        run = self.node_in_state(event.node_id, "force-failed", NodeState.RUNNING)
+        if run is None or not self.open_pipeline("changed"):
+            return
+        if self.tree.nodes[run.node_id].type not in TASK_NODES:
+            self.reject(
+                "invalid_argument", f"node {run.node_id!r} is not an activity; only activities can be force-failed"
+            )
+            return
+        message = event.message or "forced to fail by an operator"
+        self.stop_attempt(run, message, skip=False)
+
+    def stop_attempt(self, run: NodeRun, message: str, *, skip: bool) -> None:
+        """Ends a running task node from outside (force-fail, time-out); its worker is told to cancel."""
+        self.commands.append(CancelTasks(run.node_id, run.version, message))
+        self.callbacks.pop(run.node_id, None)
+        outputs = {**run.outputs, "_result": False, "ex_data": message, "_forced_failed": True}
+        failed = replace(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
+        self.put(failed)
+        if skip:
+            done = replace(failed, state=NodeState.FINISHED, skip=True)
+            self.put(done)
+            self.move_on(done)
+
+    def callback(self, event: Callback) -> None:
+        run = self.node_in_state(event.node_id, "called back", NodeState.RUNNING)
+        if run is None or not self.open_pipeline("called back"):
+            return
+        if run.version != event.version:
+            self.reject(
+                "failed_precondition",
+                f"node {run.node_id!r} is at version {run.version}, not {event.version}: the callback is for an "
+                "older attempt",
+            )
+            return
+        if run.awaiting_callback:
+            attempt = replace(run, awaiting_callback=False, schedule_times=run.schedule_times + 1)
+            self.put(attempt)
+            self.offer(attempt, TaskKind.SCHEDULE, available_at=self.now, callback_data=event.data)
+        elif run.schedule_times > 0 or self.callbacks.get(run.node_id):
+            # The worker is still handling an earlier callback: this one waits its turn.
+            self.set_callbacks(run.node_id, (*self.callbacks.get(run.node_id, ()), event.data))
+        else:
+            self.reject("failed_precondition", f"node {run.node_id!r} is not waiting for a callback")
+
+    def timer_fired(self, event: TimerFired) -> None:
+        if event.kind == TimerKind.PIPELINE_TIMEOUT:
+            if self.state not in (PipelineState.FINISHED, PipelineState.REVOKED):
+                self.revoke_nodes(lambda node_id: True, "the pipeline timed out")
+                self.set_pipeline_state(PipelineState.REVOKED)
+            return
+        run = self.nodes.get(event.node_id)
+        if run is None or run.version != event.version or run.state is not NodeState.RUNNING:
+            return  # the attempt ended before its timer
+        node = self.tree.nodes[run.node_id]
+        self.stop_attempt(run, f"timed out after {node.timeout_ms / 1000:g} s", skip=node.timeout_skips)
+
+
+def _is_appointment(run: NodeRun) -> bool:
+    """A pause appointment: the node shows SUSPENDED before any path reached it."""
+    return run.state is NodeState.SUSPENDED and run.started_at == 0
 
 
 def _level(scope: str) -> str:

@@ -92,6 +92,9 @@ class NodeSpec:
     # auto_retry: how many times a failure retries by itself (0 = never).
     auto_retry_times: int = 0
     auto_retry_interval_ms: int = 0
+    # timeout_config: fail the attempt after this long (0 = never), then maybe skip it.
+    timeout_ms: int = 0
+    timeout_skips: bool = False
     # Exclusive / conditional parallel gateways: outgoing flow id -> condition text, and the default flow.
     conditions: Mapping[str, str] = field(default_factory=dict)
     default_flow: str = ""
@@ -196,3 +199,7 @@ class Snapshot:
     rerun_limit: int = 100
     # Nodes whose current attempt is FAILED (derived; saves scanning every node after every event).
     failed_count: int = 0
+    # Paths stopped by a pause (pipeline, subprocess or node appointment): (node id, forks), resumed later.
+    parked: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Callback data that arrived while the node's worker was still busy with an earlier one.
+    callbacks: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)

@@ -312,6 +312,7 @@ class _TreeParser:
         if isinstance(auto_retry, dict) and auto_retry.get("enable", True):
             times = _non_negative_int(auto_retry.get("times", 0))
             interval_ms = _non_negative_int(auto_retry.get("interval", 0)) * 1000
+        timeout_ms, timeout_skips = self._timeout(spec, node.get("timeout_config"))
         return replace(
             spec,
             component_code=component["code"],
@@ -319,7 +320,26 @@ class _TreeParser:
             inputs=inputs,
             auto_retry_times=times,
             auto_retry_interval_ms=interval_ms,
+            timeout_ms=timeout_ms,
+            timeout_skips=timeout_skips,
         )
+
+    def _timeout(self, spec: NodeSpec, config: Any) -> tuple[int, bool]:
+        if not isinstance(config, dict) or not config.get("enable", True) or not config.get("seconds"):
+            return 0, False
+        action = config.get("action", "forced_fail")
+        if action not in ("forced_fail", "forced_fail_and_skip"):
+            self.problem(
+                "bad_field",
+                f"activity {spec.id!r}: timeout_config action must be forced_fail or forced_fail_and_skip, "
+                f"not {action!r}",
+                node_id=spec.id,
+            )
+        seconds = config.get("seconds")
+        if not isinstance(seconds, int | float) or seconds <= 0:
+            self.problem("bad_field", f"activity {spec.id!r}: timeout_config seconds must be positive", node_id=spec.id)
+            return 0, False
+        return int(seconds * 1000), action == "forced_fail_and_skip"
 
     def _with_conditions(self, spec: NodeSpec, node: dict[str, Any]) -> NodeSpec:
         raw = node.get("conditions") or {}

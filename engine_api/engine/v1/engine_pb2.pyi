@@ -39,6 +39,7 @@ class StartPipelineRequest(_message.Message):
     START_NODE_ID_FIELD_NUMBER: _builtins.int
     CYCLE_TOLERATE_FIELD_NUMBER: _builtins.int
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     tree_json: _builtins.str
     """The bamboo pipeline tree, JSON text."""
     inputs_json: _builtins.str
@@ -57,6 +58,8 @@ class StartPipelineRequest(_message.Message):
     """Allow cycles (loops through exclusive gateways)."""
     template_id: _builtins.str
     """Optional: start a registered template instead of an inline tree."""
+    timeout_ms: _builtins.int
+    """Optional: revoke the pipeline if it has not ended this many milliseconds after it started."""
     def __init__(
         self,
         *,
@@ -67,10 +70,11 @@ class StartPipelineRequest(_message.Message):
         start_node_id: _builtins.str = ...,
         cycle_tolerate: _builtins.bool = ...,
         template_id: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "pipeline_id", b"pipeline_id", "start_node_id", b"start_node_id", "template_id", b"template_id", "tree_json", b"tree_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "pipeline_id", b"pipeline_id", "start_node_id", b"start_node_id", "template_id", b"template_id", "timeout_ms", b"timeout_ms", "tree_json", b"tree_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

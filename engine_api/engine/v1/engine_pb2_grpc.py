@@ -225,7 +225,8 @@ class EngineServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Callback(self, request, context):
-        """Delivers data to a node awaiting a callback. `version` must be the node's current version.
+        """Delivers data to a node awaiting a callback. `version` must be the node's current version. Callbacks
+        that arrive while the worker still handles an earlier one are queued and offered in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

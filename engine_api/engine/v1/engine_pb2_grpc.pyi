@@ -66,7 +66,9 @@ class EngineServiceStub:
     ForceFailNode: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ForceFailNodeRequest, _engine_pb2.OperationResponse]
     """RUNNING activity -> FAILED (ex_data = message, _forced_failed = true); its worker is told to cancel."""
     Callback: _grpc.UnaryUnaryMultiCallable[_engine_pb2.CallbackRequest, _engine_pb2.OperationResponse]
-    """Delivers data to a node awaiting a callback. `version` must be the node's current version."""
+    """Delivers data to a node awaiting a callback. `version` must be the node's current version. Callbacks
+    that arrive while the worker still handles an earlier one are queued and offered in order.
+    """
     GetState: _grpc.UnaryUnaryMultiCallable[_engine_pb2.GetStateRequest, _engine_pb2.GetStateResponse]
     """The state tree of a pipeline: the pipeline, then each node that has a state, subprocesses recursively."""
     GetNodeData: _grpc.UnaryUnaryMultiCallable[_engine_pb2.NodeTarget, _engine_pb2.NodeData]
@@ -106,7 +108,9 @@ class EngineServiceAsyncStub(EngineServiceStub):
     ForceFailNode: _aio.UnaryUnaryMultiCallable[_engine_pb2.ForceFailNodeRequest, _engine_pb2.OperationResponse]  # type: ignore[assignment]
     """RUNNING activity -> FAILED (ex_data = message, _forced_failed = true); its worker is told to cancel."""
     Callback: _aio.UnaryUnaryMultiCallable[_engine_pb2.CallbackRequest, _engine_pb2.OperationResponse]  # type: ignore[assignment]
-    """Delivers data to a node awaiting a callback. `version` must be the node's current version."""
+    """Delivers data to a node awaiting a callback. `version` must be the node's current version. Callbacks
+    that arrive while the worker still handles an earlier one are queued and offered in order.
+    """
     GetState: _aio.UnaryUnaryMultiCallable[_engine_pb2.GetStateRequest, _engine_pb2.GetStateResponse]  # type: ignore[assignment]
     """The state tree of a pipeline: the pipeline, then each node that has a state, subprocesses recursively."""
     GetNodeData: _aio.UnaryUnaryMultiCallable[_engine_pb2.NodeTarget, _engine_pb2.NodeData]  # type: ignore[assignment]
@@ -227,7 +231,9 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _engine_pb2.CallbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_engine_pb2.OperationResponse, _abc.Awaitable[_engine_pb2.OperationResponse]]:
-        """Delivers data to a node awaiting a callback. `version` must be the node's current version."""
+        """Delivers data to a node awaiting a callback. `version` must be the node's current version. Callbacks
+        that arrive while the worker still handles an earlier one are queued and offered in order.
+        """
 
     @_abc_1.abstractmethod
     def GetState(

@@ -517,11 +517,16 @@ class Engine:
             try:
                 cycle = _Cycle(now=now, reap=reap, fire_timers=fire_timers)
                 result = await loop.run_in_executor(self._db, self._run_batch, ops, requests, releases, cycle)
-            except Exception as exc:  # the database is unreachable after retries
-                log.error("batch failed: %s", exc)
+            except Exception as exc:
+                if isinstance(exc, DBAPIError):  # the database stayed unreachable through the retries
+                    log.error("batch failed: %s", exc)
+                    error: EngineError = Unavailable(f"the engine's database is unavailable: {exc.orig or exc}")
+                else:
+                    log.exception("batch failed")
+                    error = Internal("the engine failed to apply this batch; see the server log")
                 for op in ops:
                     if not op.future.done():
-                        op.future.set_exception(Unavailable(f"the engine's database is unavailable: {exc}"))
+                        op.future.set_exception(error)
                 self._releases.extend(releases)
                 await asyncio.sleep(0.5)
                 continue

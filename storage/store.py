@@ -177,7 +177,7 @@ class Store:
                 tasks.c.pipeline_id == bindparam("b_pipeline_id"),
                 tasks.c.node_id == bindparam("b_node_id"),
                 tasks.c.node_version == bindparam("b_node_version"),
-                tasks.c.status.in_([QUEUED, CLAIMED]),
+                tasks.c.status <= CLAIMED,  # queued or claimed (an IN list cannot go through executemany)
             )
             .values(status=CANCELLED, cancel_reason=bindparam("reason"))
         )

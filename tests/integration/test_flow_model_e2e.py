@@ -5,17 +5,14 @@ One server and one worker process serve the whole module; every test starts its 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import create_postgres_database, drop_postgres_database
 from tests.flows import act, data, exclusive_tree, loop_tree, subprocess_tree
-from tests.support.processes import ServerProcess, WorkerProcess
-from worker_sdk import EngineClient, InvalidArgument
+from tests.support.module_engine import Engine, find, flat_states, module_engine
+from worker_sdk import InvalidArgument
 from worker_sdk.builder import (
     ConditionalParallelGateway,
     ConvergeGateway,
@@ -39,72 +36,9 @@ RERUN_LIMIT = 8
 CODES = ["emit", "count", "boom", "notify_end", "failing_end"]
 
 
-class Engine:
-    """The module's engine: a client plus helpers that read what a user would look at."""
-
-    def __init__(self, client: EngineClient, record: Path) -> None:
-        self.client = client
-        self.record = record
-
-    def run(
-        self, tree: dict[str, Any], inputs: dict[str, Any] | None = None, **options: Any
-    ) -> tuple[str, dict[str, Any]]:
-        pipeline_id = self.client.start(tree, inputs, **options)
-        return pipeline_id, self.client.wait(pipeline_id, timeout=60)
-
-    def executions(self, pipeline_id: str) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.record.read_text().splitlines() if line]
-        return [line for line in lines if line["pipeline_id"] == pipeline_id]
-
-    def outputs(self, pipeline_id: str, node_id: str) -> dict[str, Any]:
-        return dict(self.client.get_node_data(pipeline_id, node_id)["outputs"])
-
-
-def flat_states(state: dict[str, Any]) -> dict[str, str]:
-    """node id -> state for every node with a state, subprocess children included."""
-    result: dict[str, str] = {}
-    for node_id, node in state["children"].items():
-        result[node_id] = node["state"]
-        result.update(flat_states(node))
-    return result
-
-
-def find(state: dict[str, Any], node_id: str) -> dict[str, Any]:
-    for child_id, node in state["children"].items():
-        if child_id == node_id:
-            return dict(node)
-        try:
-            return find(node, node_id)
-        except KeyError:
-            continue
-    raise KeyError(node_id)
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    folder = tmp_path_factory.mktemp("flows")
-    database_name = ""
-    if request.param == "sqlite":
-        url = f"sqlite:///{folder / 'engine.db'}"
-    else:
-        admin_url = request.getfixturevalue("postgres_admin_url")
-        url, database_name = create_postgres_database(admin_url)
-    server = ServerProcess(url, log_dir=folder, extra_args=["--rerun-limit", str(RERUN_LIMIT)])
-    server.start()
-    record = folder / "executions.jsonl"
-    record.touch()
-    worker = WorkerProcess(
-        server.address, CODES, concurrency=16, log_dir=folder, env={"WORKER_RECORD_FILE": str(record)}
-    )
-    worker.start()
-    try:
-        with EngineClient(server.address) as client:
-            yield Engine(client, record)
-    finally:
-        worker.stop()
-        server.stop()
-        if database_name:
-            drop_postgres_database(request.getfixturevalue("postgres_admin_url"), database_name)
+    yield from module_engine(request, tmp_path_factory, CODES, ["--rerun-limit", str(RERUN_LIMIT)])
 
 
 # ---------------------------------------------------------------- parallel gateways

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from worker_sdk import Worker, component, current_task
+from worker_sdk import AwaitCallback, Component, Done, PollAgain, TaskContext, Worker, component, current_task
 
 
 def _record(**extra: Any) -> None:
@@ -89,13 +89,86 @@ def sleep(seconds: float = 1.0, first_attempt_only: bool = False) -> dict[str, A
     if not (first_attempt_only and task.attempt > 1):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            task.raise_if_cancelled()
+            if task.is_cancelled():
+                _record(event="cancelled")
+                task.raise_if_cancelled()
             time.sleep(0.05)
     _record(event="finished")
     return {"slept": seconds, "attempt": task.attempt}
 
 
-COMPONENTS = {c.code: c for c in (echo, emit, count, notify_end, failing_end, add, boom, sleep)}
+@component("maybe_fail")
+def maybe_fail(fail: bool = False, value: Any = None) -> dict[str, Any]:
+    """Fails while its input `fail` is true: retried with new inputs, it succeeds."""
+    _record(fail=fail)
+    if fail:
+        raise ValueError(f"asked to fail (value {value!r})")
+    return {"value": value}
+
+
+@component("flaky")
+def flaky(succeed_on_retry: int = 2) -> dict[str, Any]:
+    """Fails until the node's retry counter reaches `succeed_on_retry` (auto_retry brings it there)."""
+    task = current_task()
+    _record(retry=task.retry)
+    if task.retry < succeed_on_retry:
+        raise RuntimeError(f"flaky failure on retry {task.retry}")
+    return {"retry": task.retry}
+
+
+class Poller(Component):
+    """A polling component: done after `polls` schedule runs."""
+
+    code = "poller"
+
+    def execute(self, inputs: dict[str, Any], ctx: TaskContext) -> Any:
+        _record(kind="execute")
+        return PollAgain(after_ms=int(inputs.get("interval_ms", 50)), outputs={"started": True})
+
+    def schedule(self, inputs: dict[str, Any], ctx: TaskContext) -> Any:
+        _record(kind="schedule", schedule_times=ctx.schedule_times)
+        if ctx.schedule_times >= int(inputs.get("polls", 5)):
+            return {"polls": ctx.schedule_times}
+        return PollAgain(after_ms=int(inputs.get("interval_ms", 50)))
+
+
+class CallbackWaiter(Component):
+    """Waits for `needed` callbacks; a callback carrying {"fail": ...} fails the node."""
+
+    code = "callback"
+
+    def execute(self, inputs: dict[str, Any], ctx: TaskContext) -> Any:
+        _record(kind="execute")
+        return AwaitCallback(outputs={"received": []})
+
+    def schedule(self, inputs: dict[str, Any], ctx: TaskContext) -> Any:
+        data = ctx.callback_data
+        _record(kind="schedule", data=data)
+        if isinstance(data, dict) and "fail" in data:
+            raise RuntimeError(f"callback reported failure: {data['fail']}")
+        received = [*ctx.outputs.get("received", []), data]
+        if len(received) >= int(inputs.get("needed", 1)):
+            return Done(outputs={"received": received})
+        return AwaitCallback(outputs={"received": received})
+
+
+COMPONENTS: dict[str, Any] = {
+    c.code: c
+    for c in (
+        echo,
+        emit,
+        count,
+        notify_end,
+        failing_end,
+        add,
+        boom,
+        sleep,
+        maybe_fail,
+        flaky,
+        Poller(),
+        CallbackWaiter(),
+    )
+}
 
 
 def main() -> None:

@@ -82,7 +82,10 @@ def state_tree(view: PipelineView) -> engine_pb2.GetStateResponse:
 
     root.children.extend(build(node_id) for node_id in children.get("", []))
     return engine_pb2.GetStateResponse(
-        root=root, pipeline_state=PIPELINE_STATES[view.state], outputs_json=dumps(view.outputs)
+        root=root,
+        pipeline_state=PIPELINE_STATES[view.state],
+        outputs_json=dumps(view.outputs),
+        failure_handler_json=dumps(view.failure_handler) if view.failure_handler else "",
     )
 
 

@@ -123,6 +123,8 @@ class PipelineView:
     spec: PipelineSpec
     nodes: Sequence[NodeRun]
     outputs: Mapping[str, Any]
+    # {"code", "state", "outputs"} of the failure handler, or None.
+    failure_handler: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +163,7 @@ class _Start(_Op):
     start_node_id: str
     cycle_tolerate: bool
     timeout_ms: int
+    failure_handler: str
 
 
 @dataclass(eq=False)
@@ -318,6 +321,7 @@ class Engine:
         start_node_id: str = "",
         cycle_tolerate: bool = False,
         timeout_ms: int = 0,
+        failure_handler: str = "",
     ) -> tuple[str, bool]:
         op = _Start(
             pipeline_id=pipeline_id or uuid.uuid4().hex,
@@ -329,6 +333,7 @@ class Engine:
             start_node_id=start_node_id,
             cycle_tolerate=cycle_tolerate,
             timeout_ms=timeout_ms,
+            failure_handler=failure_handler,
         )
         self.specs.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
         result: tuple[str, bool] = await self._submit(op)
@@ -447,6 +452,7 @@ class Engine:
                     raise NotFound(f"pipeline {pipeline_id!r} does not exist")
                 nodes = self.store.load_nodes(conn, pipeline_id)
             spec = self.specs.get(row.tree_json, cycle_tolerate=row.cycle_tolerate)
+            runtime = json.loads(row.runtime_json)
             return PipelineView(
                 pipeline_id=row.id,
                 name=row.name,
@@ -455,7 +461,8 @@ class Engine:
                 finished_at=row.finished_at,
                 spec=spec,
                 nodes=[node_from_row(n) for n in nodes],
-                outputs=json.loads(row.runtime_json).get("outputs", {}),
+                outputs=runtime.get("outputs", {}),
+                failure_handler=runtime.get("failure_handler"),
             )
 
         view: PipelineView = await self.read(load)
@@ -769,7 +776,7 @@ class _Batch:
             presets=op.presets,
             rerun_limit=self.settings.rerun_limit,
         )
-        decision = decide(snapshot, StartPipeline(op.start_node_id, op.timeout_ms), self.now)
+        decision = decide(snapshot, StartPipeline(op.start_node_id, op.timeout_ms, op.failure_handler), self.now)
         if decision.rejection is not None:
             raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
         self.writes.new_pipelines.append(

@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine_server.core.model import Join, NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
+from engine_server.core.model import FailureHandler, Join, NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
 from engine_server.core.tree import parse_tree
 
 
@@ -102,8 +102,23 @@ def runtime_json(snapshot: Snapshot) -> str:
             "joins": {fork: [join.expected, join.arrived] for fork, join in snapshot.joins.items()},
             "presets": snapshot.presets,
             "outputs": snapshot.outputs,
+            "parked": [[node_id, list(forks)] for node_id, forks in snapshot.parked],
+            "callbacks": {node_id: list(queued) for node_id, queued in snapshot.callbacks.items()},
+            "failure_handler": failure_handler_json(snapshot.failure_handler),
         }
     )
+
+
+def failure_handler_json(handler: FailureHandler | None) -> dict[str, Any] | None:
+    if handler is None:
+        return None
+    return {"code": handler.code, "state": handler.state, "outputs": handler.outputs}
+
+
+def failure_handler_from(value: Any) -> FailureHandler | None:
+    if not value:
+        return None
+    return FailureHandler(value["code"], value.get("state", ""), value.get("outputs", {}))
 
 
 def snapshot_from_rows(pipeline: Any, nodes: Sequence[Any], spec: PipelineSpec, *, rerun_limit: int) -> Snapshot:
@@ -123,6 +138,9 @@ def snapshot_from_rows(pipeline: Any, nodes: Sequence[Any], spec: PipelineSpec, 
         outputs=runtime.get("outputs", {}),
         rerun_limit=rerun_limit,
         failed_count=sum(run.state is NodeState.FAILED for run in runs.values()),
+        parked=tuple((node_id, tuple(forks)) for node_id, forks in runtime.get("parked", [])),
+        callbacks={node_id: tuple(queued) for node_id, queued in runtime.get("callbacks", {}).items()},
+        failure_handler=failure_handler_from(runtime.get("failure_handler")),
     )
 
 

@@ -156,6 +156,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             start_node_id=request.start_node_id,
             cycle_tolerate=request.cycle_tolerate,
             timeout_ms=max(0, request.timeout_ms),
+            failure_handler=request.failure_handler,
         )
         return engine_pb2.StartPipelineResponse(pipeline_id=pipeline_id, created=created)
 

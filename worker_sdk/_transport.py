@@ -365,6 +365,7 @@ class EngineTransport(_Caller):
         cycle_tolerate: bool,
         template_id: str,
         timeout_ms: int,
+        failure_handler: str,
         timeout: float | None,
     ) -> tuple[str, bool]:
         request = engine_pb2.StartPipelineRequest(
@@ -376,6 +377,7 @@ class EngineTransport(_Caller):
             cycle_tolerate=cycle_tolerate,
             template_id=template_id,
             timeout_ms=timeout_ms,
+            failure_handler=failure_handler,
         )
         response: engine_pb2.StartPipelineResponse = self._unary(self._stub.StartPipeline, request, timeout)
         return response.pipeline_id, response.created
@@ -439,6 +441,8 @@ class EngineTransport(_Caller):
         state["state"] = state["state"] or _pipeline_state_name(response.pipeline_state)
         # The pipeline's data.outputs, once it finished.
         state["outputs"] = json.loads(response.outputs_json) if response.outputs_json else {}
+        # {"code", "state", "outputs"} of the pipeline's failure handler, None without one.
+        state["failure_handler"] = json.loads(response.failure_handler_json) if response.failure_handler_json else None
         return state
 
     def get_node_data(self, pipeline_id: str, node_id: str, timeout: float | None) -> dict[str, Any]:

@@ -91,6 +91,7 @@ class EngineClient:
         cycle_tolerate: bool = False,
         template_id: str | None = None,
         timeout_ms: int = 0,
+        failure_handler: str | None = None,
     ) -> str:
         """Validates and starts a pipeline; returns its id.
 
@@ -98,7 +99,8 @@ class EngineClient:
         be None when `template_id` names a registered template. `inputs` fill the tree's
         ``data.inputs``, keyed like the tree (``"${name}"`` or ``"name"``). A second start with the
         same `idempotency_key` returns the first pipeline's id. With `timeout_ms`, the engine revokes
-        the pipeline if it has not ended that long after it started.
+        the pipeline if it has not ended that long after it started. `failure_handler` names a
+        component run once, as a task, the first time the pipeline fails (see ``get_state()["failure_handler"]``).
         """
         if tree is None and not template_id:
             raise ValueError("start() needs a tree or a template_id")
@@ -111,6 +113,7 @@ class EngineClient:
             cycle_tolerate=cycle_tolerate,
             template_id=template_id or "",
             timeout_ms=timeout_ms,
+            failure_handler=failure_handler or "",
             timeout=self.timeout,
         )
         return started_id

@@ -29,7 +29,10 @@ from engine_server.core.expressions import (
 from engine_server.core.lazy import LazyError, resolve_lazy
 from engine_server.core.model import (
     END_EVENTS,
+    FAILURE_HANDLER_NODE,
+    FAILURE_HANDLER_VERSION,
     TASK_NODES,
+    FailureHandler,
     Join,
     NodeRun,
     NodeSpec,
@@ -49,6 +52,8 @@ class StartPipeline:
     start_node_id: str = ""
     # The whole pipeline is revoked if it has not ended this long after it started (0 = never).
     timeout_ms: int = 0
+    # A component code to run once when the pipeline fails ("" = none).
+    failure_handler: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +338,7 @@ class _Step:
         self.failed_count = snapshot.failed_count
         self.parked: list[tuple[str, tuple[str, ...]]] = list(snapshot.parked)
         self.callbacks: dict[str, tuple[Any, ...]] = dict(snapshot.callbacks)
+        self.failure_handler = snapshot.failure_handler
         self.removed: set[str] = set()
         self.revoked_any = False
         self._rendering: list[tuple[str, str]] = []
@@ -354,6 +360,7 @@ class _Step:
             failed_count=self.failed_count,
             parked=tuple(self.parked),
             callbacks=self.callbacks,
+            failure_handler=self.failure_handler,
         )
         return Decision(
             snapshot,
@@ -399,6 +406,8 @@ class _Step:
             return
         self.changes.append(StateChange("", self.state.value, state.value, "", self.now))
         self.state = state
+        if state is PipelineState.FAILED:
+            self.run_failure_handler()
         self.finished_at = (
             self.now if state in (PipelineState.FINISHED, PipelineState.REVOKED, PipelineState.FAILED) else 0
         )
@@ -514,9 +523,15 @@ class _Step:
             return
         if event.timeout_ms > 0:
             self.commands.append(StartTimer(TimerKind.PIPELINE_TIMEOUT, "", "", self.now + event.timeout_ms))
+        if event.failure_handler:
+            self.failure_handler = FailureHandler(event.failure_handler)
+            self.runtime_changed = True
         self.walk([_Arrival(first, ())])
 
     def task_completed(self, event: TaskCompleted) -> None:
+        if event.node_id == FAILURE_HANDLER_NODE:
+            self.failure_handled(event.version, "FINISHED", {**event.outputs, "_result": True})
+            return
         run = self.current_attempt(event.node_id, event.version)
         if run is None:
             return
@@ -543,6 +558,9 @@ class _Step:
         self.move_on(done)
 
     def task_failed(self, event: TaskFailed) -> None:
+        if event.node_id == FAILURE_HANDLER_NODE:
+            self.failure_handled(event.version, "FAILED", {**event.outputs, "_result": False, "ex_data": event.message})
+            return
         run = self.current_attempt(event.node_id, event.version)
         if run is None:
             return
@@ -857,6 +875,45 @@ class _Step:
         if not scope:
             return self.state is PipelineState.RUNNING
         return self.nodes[scope].state is NodeState.RUNNING
+
+    # ------------------------------------------------------------ the failure handler
+
+    def run_failure_handler(self) -> None:
+        """The first time the pipeline fails, its failure handler component gets one task."""
+        handler = self.failure_handler
+        if handler is None or handler.state:
+            return
+        failed = [
+            {"node_id": node_id, "ex_data": run.outputs.get("ex_data", "")}
+            for node_id, run in self.nodes.items()
+            if run.state is NodeState.FAILED
+        ]
+        self.failure_handler = replace(handler, state="RUNNING")
+        self.runtime_changed = True
+        self.commands.append(
+            OfferTask(
+                node_id=FAILURE_HANDLER_NODE,
+                version=FAILURE_HANDLER_VERSION,
+                kind=TaskKind.EXECUTE,
+                component_code=handler.code,
+                component_version="legacy",
+                inputs={"pipeline_id": self.old.pipeline_id, "failed_nodes": failed},
+                outputs={},
+                loop=1,
+                inner_loop=1,
+                retry=0,
+                schedule_times=0,
+                available_at=self.now,
+            )
+        )
+
+    def failure_handled(self, version: str, state: str, outputs: Mapping[str, Any]) -> None:
+        handler = self.failure_handler
+        if handler is None or handler.state != "RUNNING" or version != FAILURE_HANDLER_VERSION:
+            self.reject("failed_precondition", "the pipeline's failure handler is not running")
+            return
+        self.failure_handler = replace(handler, state=state, outputs=outputs)
+        self.runtime_changed = True
 
     # ------------------------------------------------------------ control operations
 

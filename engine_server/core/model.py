@@ -203,3 +203,17 @@ class Snapshot:
     parked: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # Callback data that arrived while the node's worker was still busy with an earlier one.
     callbacks: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # A component run once when the pipeline first fails: its code, and how its run went.
+    failure_handler: FailureHandler | None = None
+
+
+# The task of a pipeline's failure handler belongs to no node of the tree.
+FAILURE_HANDLER_NODE = ""
+FAILURE_HANDLER_VERSION = "failure-handler"
+
+
+@dataclass(frozen=True, slots=True)
+class FailureHandler:
+    code: str
+    state: str = ""  # "" (not run), RUNNING, FINISHED or FAILED
+    outputs: Mapping[str, Any] = field(default_factory=dict)

@@ -26,7 +26,7 @@ from worker_sdk.builder import (
     build_tree,
 )
 
-CODES = ["emit", "sleep", "maybe_fail", "flaky", "poller", "callback", "boom"]
+CODES = ["emit", "sleep", "maybe_fail", "flaky", "poller", "callback", "boom", "on_failure"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -503,6 +503,22 @@ def test_start_node_id_and_error_ignorable(engine: Engine) -> None:
     assert state["children"][ignored.id]["error_ignored"] is True
 
 
+def test_the_failure_handler_runs_once_when_the_pipeline_fails(engine: Engine) -> None:
+    failing = act("maybe_fail", fail=True)
+    pipeline_id = engine.client.start(chain(failing), failure_handler="on_failure")
+    engine.wait_for(lambda: (engine.client.get_state(pipeline_id)["failure_handler"] or {}).get("state") == "FINISHED")
+    state = engine.client.get_state(pipeline_id)
+    assert state["state"] == "FAILED"
+    assert state["failure_handler"]["outputs"]["alerted"] == [failing.id]
+    [run] = [e for e in engine.executions(pipeline_id) if "failed_nodes" in e]
+    assert run["failed_nodes"][0]["ex_data"].startswith("ValueError: asked to fail")
+    engine.client.retry_node(pipeline_id, failing.id)  # fails again: the handler does not run twice
+    engine.wait_for(lambda: engine.client.get_state(pipeline_id)["children"][failing.id]["retry"] == 1)
+    assert engine.client.wait(pipeline_id, timeout=30)["state"] == "FAILED"
+    time.sleep(0.5)
+    assert len([e for e in engine.executions(pipeline_id) if "failed_nodes" in e]) == 1
+
+
 # ---------------------------------------------------------------- watch and errors
 
 
@@ -549,3 +565,21 @@ def test_timers_fire_after_a_server_restart(server: ServerProcess, start_worker:
         state = client.wait(pipeline_id, timeout=30)
         assert state["state"] == "FAILED"
         assert "timed out after 2 s" in client.get_node_data(pipeline_id, node.id)["ex_data"]
+
+
+def test_a_paused_pipeline_survives_a_server_restart_and_resumes(server: ServerProcess, start_worker: Any) -> None:
+    start_worker("sleep", "emit")
+    first, second = act("sleep", seconds=0.5), act(step="second")
+    with EngineClient(server.address) as client:
+        pipeline_id = client.start(chain(first, second))
+        client.pause_pipeline(pipeline_id)
+        deadline = time.monotonic() + 20
+        while client.get_state(pipeline_id)["children"][first.id]["state"] != "FINISHED":
+            assert time.monotonic() < deadline, "the running task should finish while the pipeline is paused"
+            time.sleep(0.05)
+        server.kill()
+        server.start()
+        state = client.get_state(pipeline_id)
+        assert state["state"] == "SUSPENDED" and second.id not in state["children"]
+        client.resume_pipeline(pipeline_id)
+        assert client.wait(pipeline_id, timeout=30)["state"] == "FINISHED"

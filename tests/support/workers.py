@@ -69,6 +69,13 @@ def failing_end(**inputs: Any) -> dict[str, Any]:
     raise RuntimeError("the end event could not notify")
 
 
+@component("on_failure")
+def on_failure(pipeline_id: str, failed_nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A pipeline's failure handler: told which nodes failed and why."""
+    _record(failed_nodes=failed_nodes)
+    return {"alerted": [node["node_id"] for node in failed_nodes]}
+
+
 @component("add")
 def add(a: int, b: int) -> dict[str, Any]:
     _record()
@@ -160,6 +167,7 @@ COMPONENTS: dict[str, Any] = {
         count,
         notify_end,
         failing_end,
+        on_failure,
         add,
         boom,
         sleep,

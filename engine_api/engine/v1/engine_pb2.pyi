@@ -40,6 +40,7 @@ class StartPipelineRequest(_message.Message):
     CYCLE_TOLERATE_FIELD_NUMBER: _builtins.int
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FAILURE_HANDLER_FIELD_NUMBER: _builtins.int
     tree_json: _builtins.str
     """The bamboo pipeline tree, JSON text."""
     inputs_json: _builtins.str
@@ -60,6 +61,10 @@ class StartPipelineRequest(_message.Message):
     """Optional: start a registered template instead of an inline tree."""
     timeout_ms: _builtins.int
     """Optional: revoke the pipeline if it has not ended this many milliseconds after it started."""
+    failure_handler: _builtins.str
+    """Optional: a component code run once, as a task, the first time the pipeline FAILS. Its inputs are
+    {"pipeline_id", "failed_nodes": [{"node_id", "ex_data"}]}; its task has an empty node_id.
+    """
     def __init__(
         self,
         *,
@@ -71,10 +76,11 @@ class StartPipelineRequest(_message.Message):
         cycle_tolerate: _builtins.bool = ...,
         template_id: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
+        failure_handler: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "pipeline_id", b"pipeline_id", "start_node_id", b"start_node_id", "template_id", b"template_id", "timeout_ms", b"timeout_ms", "tree_json", b"tree_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cycle_tolerate", b"cycle_tolerate", "failure_handler", b"failure_handler", "idempotency_key", b"idempotency_key", "inputs_json", b"inputs_json", "pipeline_id", b"pipeline_id", "start_node_id", b"start_node_id", "template_id", b"template_id", "timeout_ms", b"timeout_ms", "tree_json", b"tree_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -471,9 +477,12 @@ class GetStateResponse(_message.Message):
     ROOT_FIELD_NUMBER: _builtins.int
     PIPELINE_STATE_FIELD_NUMBER: _builtins.int
     OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
+    FAILURE_HANDLER_JSON_FIELD_NUMBER: _builtins.int
     pipeline_state: _types_pb2.PipelineState.ValueType
     outputs_json: _builtins.str
     """The pipeline's data.outputs (JSON object of key -> value) once it has FINISHED; "{}" before."""
+    failure_handler_json: _builtins.str
+    """The failure handler, JSON {"code", "state": "" | "RUNNING" | "FINISHED" | "FAILED", "outputs"}; empty if none."""
     @_builtins.property
     def root(self) -> Global___StateNode: ...
     def __init__(
@@ -482,10 +491,11 @@ class GetStateResponse(_message.Message):
         root: Global___StateNode | None = ...,
         pipeline_state: _types_pb2.PipelineState.ValueType = ...,
         outputs_json: _builtins.str = ...,
+        failure_handler_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["root", b"root"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["outputs_json", b"outputs_json", "pipeline_state", b"pipeline_state", "root", b"root"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_handler_json", b"failure_handler_json", "outputs_json", b"outputs_json", "pipeline_state", b"pipeline_state", "root", b"root"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

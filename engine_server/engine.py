@@ -272,7 +272,7 @@ class Engine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._db, self.store.create_schema)
+        log.info("database: %s", await loop.run_in_executor(self._db, self.store.prepare_schema))
         self._next_due_at, self._next_timer_at = await loop.run_in_executor(self._readers, self._earliest_pending)
         self._loop_task = asyncio.create_task(self._run(), name="engine-loop")
 

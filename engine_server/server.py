@@ -13,6 +13,8 @@ from engine_api.engine.v1 import engine_pb2_grpc, worker_pb2_grpc
 from engine_server.engine import Engine
 from engine_server.servicers import EngineServicer, WorkerServicer
 from engine_server.settings import Settings
+from storage.database import DatabaseInUse, SqliteLock
+from storage.migrate import SchemaMismatch
 from storage.store import Store
 
 log = logging.getLogger("engine_server")
@@ -24,6 +26,7 @@ SHUTDOWN_GRACE_S = 5.0
 class EngineServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.sqlite_lock = SqliteLock(settings.database_url)
         self.store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
         self.engine = Engine(self.store, settings)
         # Room for the largest tree plus framing; payload fields are checked against their own limit.
@@ -50,7 +53,11 @@ class EngineServer:
                 f"engine-server: cannot listen on {self.settings.listen}: the address is in use or invalid "
                 "(is another engine server running? choose another with --listen or ENGINE_LISTEN)"
             )
-        await self.engine.start()
+        try:
+            self.sqlite_lock.acquire()
+            await self.engine.start()
+        except (SchemaMismatch, DatabaseInUse) as exc:
+            raise SystemExit(f"engine-server: {exc}") from None
         await self.grpc_server.start()
         log.info(
             "engine server listening on %s (database %s)",
@@ -63,6 +70,7 @@ class EngineServer:
         stopping = asyncio.create_task(self.grpc_server.stop(SHUTDOWN_GRACE_S))
         await self.engine.stop()
         await stopping
+        self.sqlite_lock.release()
         log.info("stopped")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,39 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engin
         connection.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
     return engine
+
+
+class DatabaseInUse(Exception):
+    """Another engine server already owns this SQLite file."""
+
+
+class SqliteLock:
+    """An exclusive lock beside a SQLite file, held while the server runs.
+
+    SQLite is the single-node default: two servers on one file would each cache pipelines the other changes.
+    """
+
+    def __init__(self, url: str) -> None:
+        database = make_url(normalise_url(url)).database
+        self.path = Path(f"{database}.lock") if database and database != ":memory:" else None
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            self._file = None
+            raise DatabaseInUse(
+                f"another engine server is already using {self.path.with_suffix('')}: SQLite serves one server; "
+                "run several replicas on PostgreSQL instead"
+            ) from None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

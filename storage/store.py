@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import BindParameter, Connection, Row, TextClause, bindparam, func, select, text, update
 
 from storage.database import create_database_engines
+from storage.migrate import prepare
 from storage.schema import (
     CANCELLED,
     CLAIMED,
@@ -21,7 +22,6 @@ from storage.schema import (
     FIRED,
     PENDING,
     QUEUED,
-    metadata,
     node_histories,
     node_states,
     pipelines,
@@ -92,8 +92,9 @@ class Store:
     def is_sqlite(self) -> bool:
         return self.dialect == "sqlite"
 
-    def create_schema(self) -> None:
-        metadata.create_all(self.writer)
+    def prepare_schema(self) -> str:
+        """Creates the schema in an empty database; raises SchemaMismatch when it is at another revision."""
+        return prepare(self.writer)
 
     def dispose(self) -> None:
         self.writer.dispose()

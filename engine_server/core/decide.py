@@ -302,6 +302,18 @@ def _splice(text: str) -> Splice:
     return compile_splice(text)
 
 
+RETRYABLE_TYPES = frozenset(
+    {
+        NodeType.SERVICE_ACTIVITY,
+        NodeType.EXECUTABLE_END_EVENT,
+        NodeType.EXCLUSIVE_GATEWAY,
+        NodeType.CONDITIONAL_PARALLEL_GATEWAY,
+    }
+)
+SKIPPABLE_TYPES = frozenset({NodeType.SERVICE_ACTIVITY, NodeType.EXECUTABLE_END_EVENT, NodeType.SUBPROCESS})
+SUBPROCESS_TYPES = frozenset({NodeType.SUBPROCESS})
+
+
 class VariableError(Exception):
     """A variable could not be rendered; the message names it."""
 
@@ -340,7 +352,6 @@ class _Step:
         self.callbacks: dict[str, tuple[Any, ...]] = dict(snapshot.callbacks)
         self.failure_handler = snapshot.failure_handler
         self.removed: set[str] = set()
-        self.revoked_any = False
         self._rendering: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------ bookkeeping
@@ -379,8 +390,15 @@ class _Step:
         self.version_seq += 1
         return f"v{self.version_seq}"
 
+    def blocks(self, run: NodeRun | None) -> bool:
+        """A node that stops its level from finishing: FAILED, or a REVOKED subprocess."""
+        if run is None:
+            return False
+        return run.state is NodeState.FAILED or (run.state is NodeState.REVOKED and run.node_id in self.tree.scopes)
+
     def put(self, run: NodeRun) -> None:
         old = self.nodes.get(run.node_id)
+        self.failed_count += self.blocks(run) - self.blocks(old)
         old_state = old.state.value if old is not None else ""
         if old is not None and old.version != run.version:
             old = None  # a new attempt: its predecessor went to history
@@ -389,14 +407,13 @@ class _Step:
             raise AssertionError(f"node {run.node_id}: {old_state} -> {run.state.value} is not a transition")
         if old is None or old.state is not run.state:
             self.changes.append(StateChange(run.node_id, old_state, run.state.value, run.version, self.now))
-        was_failed = old is not None and old.state is NodeState.FAILED
-        self.failed_count += (run.state is NodeState.FAILED) - was_failed
         self.nodes[run.node_id] = run
         self.changed[run.node_id] = None
         self.removed.discard(run.node_id)
 
     def remove(self, node_id: str) -> None:
         run = self.nodes.pop(node_id)
+        self.failed_count -= self.blocks(run)
         self.changed.pop(node_id, None)
         self.removed.add(node_id)
         self.changes.append(StateChange(node_id, run.state.value, "", run.version, self.now))
@@ -545,12 +562,12 @@ class _Step:
             queued = self.callbacks.get(run.node_id, ())
             if queued:  # a callback arrived while the worker handled the previous one
                 self.set_callbacks(run.node_id, queued[1:])
-                run = replace(run, outputs=outputs, schedule_times=run.schedule_times + 1, awaiting_callback=False)
-                self.put(run)
-                self.offer(run, TaskKind.SCHEDULE, available_at=self.now, callback_data=queued[0])
+                self.deliver_callback(replace(run, outputs=outputs), queued[0])
             else:
+                self.forget_callbacks(run.node_id)
                 self.put(replace(run, outputs=outputs, awaiting_callback=True))
             return
+        self.forget_callbacks(run.node_id)
         outputs["_result"] = True
         done = replace(run, state=NodeState.FINISHED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         self.put(done)
@@ -565,6 +582,7 @@ class _Step:
         if run is None:
             return
         node = self.tree.nodes[run.node_id]
+        self.forget_callbacks(run.node_id)
         outputs = {**run.outputs, **event.outputs, "_result": False, "ex_data": event.message}
         failed = replace(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         retry_budget = node.auto_retry_times or (event.transient_retry_budget if event.retryable else 0)
@@ -657,6 +675,7 @@ class _Step:
         if old is not None and _is_appointment(old):
             old = None  # a lifted pause appointment is not an earlier attempt
         if old is not None:
+            self.forget_callbacks(node.id)
             if old.state in ACTIVE_NODE_STATES and node.type in TASK_NODES:
                 self.commands.append(CancelTasks(old.node_id, old.version, "the node was entered again"))
             self.histories.append(old)
@@ -846,16 +865,19 @@ class _Step:
 
         A failed subprocess is a failed node of its parent, so failure climbs until a level still has work.
         """
-        if (self.failed_count <= 0 and not self.revoked_any) or self.state is not PipelineState.RUNNING:
+        if self.failed_count <= 0 or self.state is not PipelineState.RUNNING:
             return
         while True:
             failed: set[str] = set()
             active: set[str] = set()
             for node_id, run in self.nodes.items():
                 scope = self.tree.scope_of[node_id]
-                if run.state is NodeState.FAILED or (run.state is NodeState.REVOKED and node_id in self.tree.scopes):
+                if self.blocks(run):
                     failed.add(scope)
-                elif run.state in ACTIVE_NODE_STATES:
+                elif run.state in ACTIVE_NODE_STATES or (
+                    # a paused subprocess may still have tasks running inside it
+                    run.state is NodeState.SUSPENDED and node_id in self.tree.scopes and not _is_appointment(run)
+                ):
                     active.add(scope)
             stuck = [scope for scope in failed if scope not in active and self._level_running(scope)]
             if not stuck:
@@ -918,11 +940,13 @@ class _Step:
     # ------------------------------------------------------------ control operations
 
     def set_callbacks(self, node_id: str, queued: tuple[Any, ...]) -> None:
-        if queued:
-            self.callbacks[node_id] = queued
-        else:
-            self.callbacks.pop(node_id, None)
+        """Marks a callback as being handled by the node's worker, with those that wait behind it."""
+        self.callbacks[node_id] = queued
         self.runtime_changed = True
+
+    def forget_callbacks(self, node_id: str) -> None:
+        if self.callbacks.pop(node_id, None) is not None:
+            self.runtime_changed = True
 
     def blocked(self, node_id: str) -> bool:
         """A path stops here: the pipeline or an enclosing subprocess is paused, or the node is appointed to."""
@@ -959,9 +983,28 @@ class _Step:
             self.reject("not_found", f"pipeline {self.old.pipeline_id!r} has no node {node_id!r}")
         return node
 
-    def node_in_state(self, node_id: str, operation: str, *states: NodeState) -> NodeRun | None:
-        """The node's run if it is in one of `states`; otherwise rejects saying which state it is in."""
-        if self.node_spec(node_id) is None:
+    def node_in_state(
+        self,
+        node_id: str,
+        operation: str,
+        *states: NodeState,
+        types: frozenset[NodeType] | None = None,
+        hint: str = "",
+    ) -> NodeRun | None:
+        """The node's run if it has a type in `types` and is in one of `states`; otherwise rejects saying why.
+
+        The type is checked first, so a request that can never apply to the node gets the same answer in
+        every state.
+        """
+        node = self.node_spec(node_id)
+        if node is None:
+            return None
+        if types is not None and node.type not in types:
+            kinds = ", ".join(sorted(t.value for t in types))
+            self.reject(
+                "invalid_argument",
+                f"node {node_id!r} is a {node.type.value}; only a {kinds} can be {operation}{hint}",
+            )
             return None
         run = self.nodes.get(node_id)
         if run is None or _is_appointment(run) or run.state not in states:
@@ -979,10 +1022,11 @@ class _Step:
             self.reject("invalid_argument", f"node {scope!r} is a {node.type.value}, not a SubProcess")
             return None
         run = self.nodes.get(scope)
-        if run is None:
+        if run is None or _is_appointment(run):
             self.reject(
                 "failed_precondition", f"subprocess {scope!r} has not been reached, so it cannot be {operation}"
             )
+            return None
         return run
 
     def reopen_levels(self, node_id: str) -> None:
@@ -1025,12 +1069,24 @@ class _Step:
             return
         if event.scope:
             run = self.subprocess_run(event.scope, "resumed")
-            if run is None or run.state is not NodeState.SUSPENDED:
+            if run is None or run.state is NodeState.RUNNING:
+                return
+            if run.state is not NodeState.SUSPENDED:
+                self.reject(
+                    "failed_precondition",
+                    f"subprocess {event.scope!r} is {run.state.value}; only a SUSPENDED one can be resumed",
+                )
                 return
             self.put(replace(run, state=NodeState.RUNNING))
         elif self.state is PipelineState.SUSPENDED:
             self.set_pipeline_state(PipelineState.RUNNING)
+        elif self.state is PipelineState.RUNNING:
+            return
         else:
+            self.reject(
+                "failed_precondition",
+                f"pipeline {self.old.pipeline_id!r} is {self.state.value}; only a SUSPENDED pipeline can be resumed",
+            )
             return
         self.unpark()
 
@@ -1048,7 +1104,6 @@ class _Step:
                 return
             self.revoke_nodes(lambda node_id: self.inside(node_id, event.scope), event.reason)
             self.put(replace(self.nodes[event.scope], state=NodeState.REVOKED, finished_at=self.now))
-            self.revoked_any = True
             return
         self.revoke_nodes(lambda node_id: True, event.reason)
         self.set_pipeline_state(PipelineState.REVOKED)
@@ -1064,7 +1119,8 @@ class _Step:
     def revoke_nodes(self, selected: Any, reason: str) -> None:
         """Unfinished nodes become REVOKED; their open tasks are withdrawn; stopped paths are dropped."""
         for node_id, run in list(self.nodes.items()):
-            if not selected(node_id) or run.state not in (NodeState.RUNNING, NodeState.READY, NodeState.SUSPENDED):
+            open_states = (NodeState.RUNNING, NodeState.READY, NodeState.SUSPENDED, NodeState.FAILED)
+            if not selected(node_id) or run.state not in open_states:
                 continue
             if _is_appointment(run):
                 self.remove(node_id)
@@ -1072,7 +1128,7 @@ class _Step:
             if self.tree.nodes[node_id].type in TASK_NODES and run.state is NodeState.RUNNING:
                 self.commands.append(CancelTasks(node_id, run.version, reason))
             self.put(replace(run, state=NodeState.REVOKED, finished_at=self.now, awaiting_callback=False))
-            self.callbacks.pop(node_id, None)
+            self.forget_callbacks(node_id)
         kept = [(node_id, forks) for node_id, forks in self.parked if not selected(node_id)]
         if len(kept) != len(self.parked):
             self.parked = kept
@@ -1102,8 +1158,15 @@ class _Step:
         if node is None or not self.open_pipeline("changed"):
             return
         run = self.nodes.get(node.id)
-        if run is None or not _is_appointment(run):
-            return  # not paused: nothing to resume
+        if run is None or run.state is NodeState.RUNNING:
+            return  # not paused (any more): nothing to resume
+        if not _is_appointment(run):
+            hint = " (resume a paused subprocess with ResumePipeline and its id)" if node.id in self.tree.scopes else ""
+            self.reject(
+                "failed_precondition",
+                f"node {node.id!r} is {run.state.value}, not appointed to pause, so there is nothing to resume{hint}",
+            )
+            return
         self.remove(node.id)
         waiting = [(node_id, forks) for node_id, forks in self.parked if node_id == node.id]
         if waiting:
@@ -1129,18 +1192,21 @@ class _Step:
         )
 
     def retry_node(self, event: RetryNode) -> None:
-        run = self.node_in_state(event.node_id, "retried", NodeState.FAILED)
+        run = self.node_in_state(
+            event.node_id,
+            "retried",
+            NodeState.FAILED,
+            types=RETRYABLE_TYPES,
+            hint=" (use RetrySubprocess for a subprocess)",
+        )
         if run is None or not self.open_pipeline("changed"):
             return
         node = self.tree.nodes[run.node_id]
-        if node.type is NodeType.SUBPROCESS:
-            self.reject("invalid_argument", f"node {node.id!r} is a SubProcess: use RetrySubprocess")
-            return
         if not node.retryable:
             self.reject("failed_precondition", f"node {node.id!r} is not retryable (retryable: false in the tree)")
             return
         self.reopen_levels(node.id)
-        self.callbacks.pop(node.id, None)
+        self.forget_callbacks(node.id)
         if node.type in TASK_NODES:
             inputs = dict(run.inputs) if event.inputs is None else {**event.inputs}
             inputs.update(_loop=run.loop, _inner_loop=run.inner_loop)
@@ -1161,45 +1227,38 @@ class _Step:
             self.move_on(done)
 
     def retry_subprocess(self, event: RetrySubprocess) -> None:
-        run = self.node_in_state(event.node_id, "retried", NodeState.FAILED)
+        run = self.node_in_state(
+            event.node_id, "retried with RetrySubprocess", NodeState.FAILED, types=SUBPROCESS_TYPES
+        )
         if run is None or not self.open_pipeline("changed"):
             return
         node = self.tree.nodes[run.node_id]
-        if node.type is not NodeType.SUBPROCESS:
-            self.reject("invalid_argument", f"node {node.id!r} is a {node.type.value}: use RetryNode")
-            return
         self.reopen_levels(node.id)
         attempt = self.reattempt(run, NodeState.RUNNING)
         self.put(attempt)
         self.walk(self.start_subprocess(node, attempt))
 
     def skip_node(self, event: SkipNode) -> None:
-        run = self.node_in_state(event.node_id, "skipped", NodeState.FAILED)
+        run = self.node_in_state(
+            event.node_id, "skipped", NodeState.FAILED, types=SKIPPABLE_TYPES, hint=" (skip a gateway naming its flows)"
+        )
         if run is None or not self.open_pipeline("changed"):
             return
         node = self.tree.nodes[run.node_id]
-        if node.type in (NodeType.EXCLUSIVE_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY):
-            self.reject(
-                "invalid_argument", f"node {node.id!r} is a {node.type.value}: skip it naming the flow(s) to take"
-            )
-            return
         if not node.skippable:
             self.reject("failed_precondition", f"node {node.id!r} is not skippable (skippable: false in the tree)")
             return
         self.reopen_levels(node.id)
-        self.callbacks.pop(node.id, None)
+        self.forget_callbacks(node.id)
         done = replace(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
         self.put(done)  # a skipped node's outputs are not copied to the variables
         self.move_on(done)
 
     def skip_gateway(self, node_id: str, flow_ids: tuple[str, ...], kind: NodeType) -> NodeRun | None:
-        run = self.node_in_state(node_id, "skipped", NodeState.FAILED)
+        run = self.node_in_state(node_id, "skipped this way", NodeState.FAILED, types=frozenset({kind}))
         if run is None or not self.open_pipeline("changed"):
             return None
         node = self.tree.nodes[node_id]
-        if node.type is not kind:
-            self.reject("invalid_argument", f"node {node_id!r} is a {node.type.value}, not a {kind.value}")
-            return None
         unknown = [flow_id for flow_id in flow_ids if flow_id not in node.outgoing]
         if unknown or not flow_ids:
             self.reject(
@@ -1226,13 +1285,8 @@ class _Step:
             self.walk([_Arrival(self.tree.flows[f].target, (*done.forks, done.node_id)) for f in flows])
 
     def force_fail(self, event: ForceFail) -> None:
-        run = self.node_in_state(event.node_id, "force-failed", NodeState.RUNNING)
+        run = self.node_in_state(event.node_id, "force-failed", NodeState.RUNNING, types=TASK_NODES)
         if run is None or not self.open_pipeline("changed"):
-            return
-        if self.tree.nodes[run.node_id].type not in TASK_NODES:
-            self.reject(
-                "invalid_argument", f"node {run.node_id!r} is not an activity; only activities can be force-failed"
-            )
             return
         message = event.message or "forced to fail by an operator"
         self.stop_attempt(run, message, skip=False)
@@ -1240,7 +1294,7 @@ class _Step:
     def stop_attempt(self, run: NodeRun, message: str, *, skip: bool) -> None:
         """Ends a running task node from outside (force-fail, time-out); its worker is told to cancel."""
         self.commands.append(CancelTasks(run.node_id, run.version, message))
-        self.callbacks.pop(run.node_id, None)
+        self.forget_callbacks(run.node_id)
         outputs = {**run.outputs, "_result": False, "ex_data": message, "_forced_failed": True}
         failed = replace(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         self.put(failed)
@@ -1250,7 +1304,7 @@ class _Step:
             self.move_on(done)
 
     def callback(self, event: Callback) -> None:
-        run = self.node_in_state(event.node_id, "called back", NodeState.RUNNING)
+        run = self.node_in_state(event.node_id, "called back", NodeState.RUNNING, types=TASK_NODES)
         if run is None or not self.open_pipeline("called back"):
             return
         if run.version != event.version:
@@ -1261,14 +1315,19 @@ class _Step:
             )
             return
         if run.awaiting_callback:
-            attempt = replace(run, awaiting_callback=False, schedule_times=run.schedule_times + 1)
-            self.put(attempt)
-            self.offer(attempt, TaskKind.SCHEDULE, available_at=self.now, callback_data=event.data)
-        elif run.schedule_times > 0 or self.callbacks.get(run.node_id):
+            self.deliver_callback(run, event.data)
+        elif run.node_id in self.callbacks:
             # The worker is still handling an earlier callback: this one waits its turn.
-            self.set_callbacks(run.node_id, (*self.callbacks.get(run.node_id, ()), event.data))
+            self.set_callbacks(run.node_id, (*self.callbacks[run.node_id], event.data))
         else:
             self.reject("failed_precondition", f"node {run.node_id!r} is not waiting for a callback")
+
+    def deliver_callback(self, run: NodeRun, data: Any) -> None:
+        """Offers callback data to the worker as a schedule task; until it answers, more callbacks queue."""
+        attempt = replace(run, awaiting_callback=False, schedule_times=run.schedule_times + 1)
+        self.set_callbacks(run.node_id, self.callbacks.get(run.node_id, ()))
+        self.put(attempt)
+        self.offer(attempt, TaskKind.SCHEDULE, available_at=self.now, callback_data=data)
 
     def timer_fired(self, event: TimerFired) -> None:
         if event.kind == TimerKind.PIPELINE_TIMEOUT:

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -198,6 +199,7 @@ LABEL_STATES: dict[str, NodeState | None] = {
 }
 
 
+@functools.cache
 def reach(kind: str, label: str) -> tuple[Snapshot, str]:
     """A snapshot where the `kind` target is in state `label` (the pipeline RUNNING), and the target's id."""
     failing_gateway = label == "failed"
@@ -225,13 +227,15 @@ def reach(kind: str, label: str) -> tuple[Snapshot, str]:
             snapshot = fail(snapshot, worker) if label == "failed" else complete(snapshot, worker)
     assert state(snapshot, target) is LABEL_STATES[label]
     assert (target in snapshot.nodes and snapshot.nodes[target].started_at == 0) == (label == "appointed")
-    assert snapshot.nodes[target].awaiting_callback if label == "awaiting" else True
+    if label == "awaiting":
+        assert snapshot.nodes[target].awaiting_callback
     assert snapshot.state is PipelineState.RUNNING
     return snapshot, target
 
 
 def _flows_of(snapshot: Snapshot, node_id: str) -> tuple[str, ...]:
-    return tuple(snapshot.spec.tree.nodes[node_id].outgoing) or ("no-such-flow",)
+    node = snapshot.spec.tree.nodes.get(node_id)
+    return (tuple(node.outgoing) if node is not None else ()) or ("no-such-flow",)
 
 
 def _version_or_none(snapshot: Snapshot, node_id: str) -> str:
@@ -254,42 +258,63 @@ OPERATIONS: dict[str, Callable[[Snapshot, str], Event]] = {
     "callback": lambda s, t: Callback(t, _version_or_none(s, t), {"approved": True}),
 }
 
-# Outcomes:  >STATE  accepted, changed; the target is now in STATE (">-": it has no state any more)
-#            =       accepted, nothing changed (an idempotent repeat), no commands
+# Outcomes:  >susp >run >fail >done >rvk   accepted, changed; the target is now SUSPENDED, RUNNING, FAILED,
+#                                          FINISHED or REVOKED
+#            >gone   accepted, changed; the target has no state any more (an appointment lifted)
+#            =       accepted, nothing changed (an idempotent repeat), and no commands
 #            S       rejected, failed_precondition, the message names the target's current state
 #                    ("has not been reached" for no state or a pause appointment)
-#            T       rejected, invalid_argument, the message names the target's node type: the operation
-#                    does not apply to this kind of node whatever its state
+#            T       rejected, invalid_argument, the message names the target's node type: the operation does not
+#                    apply to this kind of node, whatever its state
 #            W       rejected, failed_precondition, "not waiting for a callback"
-# fmt: off
+CHANGED_TO: dict[str, NodeState | None] = {
+    ">susp": SUSPENDED,
+    ">run": RUNNING,
+    ">fail": FAILED,
+    ">done": FINISHED,
+    ">rvk": REVOKED,
+    ">gone": None,
+}
 COLUMNS = (
-    "pause_scope", "resume_scope", "revoke_scope", "pause_node", "resume_node", "retry_node", "retry_subprocess",
-    "skip_node", "skip_exclusive", "skip_conditional", "force_fail", "callback",
+    "pause_scope",
+    "resume_scope",
+    "revoke_scope",
+    "pause_node",
+    "resume_node",
+    "retry_node",
+    "retry_subprocess",
+    "skip_node",
+    "skip_exclusive",
+    "skip_conditional",
+    "force_fail",
+    "callback",
 )
+# fmt: off
 TABLE = {
-    #                              pause_s     resume_s  revoke_s  pause_n     resume_n retry_n   retry_s  skip_n     skip_eg    skip_cpg   force    callback  # noqa: E501
-    ("activity", "none"):         "T           T         T         >SUSPENDED  =        S         T        S          T          T          S        S",
-    ("activity", "appointed"):    "T           T         T         =           >-       S         T        S          T          T          S        S",
-    ("activity", "running"):      "T           T         T         S           =        S         T        S          T          T          >FAILED  W",
-    ("activity", "awaiting"):     "T           T         T         S           =        S         T        S          T          T          >FAILED  >RUNNING",
-    ("activity", "failed"):       "T           T         T         S           S        >RUNNING  T        >FINISHED  T          T          S        S",
-    ("activity", "finished"):     "T           T         T         S           S        S         T        S          T          T          S        S",
-    ("activity", "revoked"):      "T           T         T         S           S        S         T        S          T          T          S        S",
-    ("subprocess", "none"):       "S           S         S         >SUSPENDED  =        T         S        S          T          T          T        T",
-    ("subprocess", "appointed"):  "S           S         S         =           >-       T         S        S          T          T          T        T",
-    ("subprocess", "running"):    ">SUSPENDED  =         >REVOKED  S           =        T         S        S          T          T          T        T",
-    ("subprocess", "paused"):     "=           >RUNNING  >REVOKED  S           S        T         S        S          T          T          T        T",
-    ("subprocess", "failed"):     "S           S         >REVOKED  S           S        T         >RUNNING >FINISHED  T          T          T        T",
-    ("subprocess", "finished"):   "S           S         S         S           S        T         S        S          T          T          T        T",
-    ("subprocess", "revoked"):    "S           S         =         S           S        T         S        S          T          T          T        T",
-    ("exclusive", "none"):        "T           T         T         >SUSPENDED  =        S         T        T          S          T          T        T",
-    ("exclusive", "appointed"):   "T           T         T         =           >-       S         T        T          S          T          T        T",
-    ("exclusive", "failed"):      "T           T         T         S           S        >FAILED   T        T          >FINISHED  T          T        T",
-    ("exclusive", "finished"):    "T           T         T         S           S        S         T        T          S          T          T        T",
-    ("conditional", "none"):      "T           T         T         >SUSPENDED  =        S         T        T          T          S          T        T",
-    ("conditional", "appointed"): "T           T         T         =           >-       S         T        T          T          S          T        T",
-    ("conditional", "failed"):    "T           T         T         S           S        >FAILED   T        T          T          >FINISHED  T        T",
-    ("conditional", "finished"):  "T           T         T         S           S        S         T        T          T          S          T        T",
+    # pause/resume/revoke_scope are PausePipeline/ResumePipeline/RevokePipeline(scope=target).
+    #                              pauseS resumS revokS pauseN resumN retryN retryS skipN  skipEG skipCP force  callbk
+    ("activity", "none"):         "T      T      T      >susp  =      S      T      S      T      T      S      S",
+    ("activity", "appointed"):    "T      T      T      =      >gone  S      T      S      T      T      S      S",
+    ("activity", "running"):      "T      T      T      S      =      S      T      S      T      T      >fail  W",
+    ("activity", "awaiting"):     "T      T      T      S      =      S      T      S      T      T      >fail  >run",
+    ("activity", "failed"):       "T      T      T      S      S      >run   T      >done  T      T      S      S",
+    ("activity", "finished"):     "T      T      T      S      S      S      T      S      T      T      S      S",
+    ("activity", "revoked"):      "T      T      T      S      S      S      T      S      T      T      S      S",
+    ("subprocess", "none"):       "S      S      S      >susp  =      T      S      S      T      T      T      T",
+    ("subprocess", "appointed"):  "S      S      S      =      >gone  T      S      S      T      T      T      T",
+    ("subprocess", "running"):    ">susp  =      >rvk   S      =      T      S      S      T      T      T      T",
+    ("subprocess", "paused"):     "=      >run   >rvk   S      S      T      S      S      T      T      T      T",
+    ("subprocess", "failed"):     "S      S      >rvk   S      S      T      >run   >done  T      T      T      T",
+    ("subprocess", "finished"):   "S      S      S      S      S      T      S      S      T      T      T      T",
+    ("subprocess", "revoked"):    "S      S      =      S      S      T      S      S      T      T      T      T",
+    ("exclusive", "none"):        "T      T      T      >susp  =      S      T      T      S      T      T      T",
+    ("exclusive", "appointed"):   "T      T      T      =      >gone  S      T      T      S      T      T      T",
+    ("exclusive", "failed"):      "T      T      T      S      S      >fail  T      T      >done  T      T      T",
+    ("exclusive", "finished"):    "T      T      T      S      S      S      T      T      S      T      T      T",
+    ("conditional", "none"):      "T      T      T      >susp  =      S      T      T      T      S      T      T",
+    ("conditional", "appointed"): "T      T      T      =      >gone  S      T      T      T      S      T      T",
+    ("conditional", "failed"):    "T      T      T      S      S      >fail  T      T      T      >done  T      T",
+    ("conditional", "finished"):  "T      T      T      S      S      S      T      T      T      S      T      T",
 }
 # fmt: on
 CASES = [
@@ -304,40 +329,38 @@ def _state_words(snapshot: Snapshot, target: str) -> str:
     return "has not been reached" if run is None or run.started_at == 0 else run.state.value
 
 
-def check_outcome(snapshot: Snapshot, target: str, event: Event, outcome: str) -> None:
-    decision = decide(snapshot, event, NOW)
-    if outcome.startswith(">"):
-        assert decision.rejection is None, decision.rejection
-        assert decision.changed
-        wanted = None if outcome == ">-" else NodeState[outcome[1:]]
-        assert state(decision.snapshot, target) is wanted
-        return
-    if outcome == "=":
-        assert decision.rejection is None, decision.rejection
-        assert not decision.changed, decision.changes
-        assert decision.commands == ()  # the server drops an unchanged decision, commands and all
-        assert decision.snapshot == snapshot
-        return
-    assert decision.rejection is not None, f"accepted (changed={decision.changed}); wanted a rejection"
-    assert decision.snapshot is snapshot
-    message = decision.rejection.message
-    assert repr(target) in message, message
-    if outcome == "S":
-        assert (decision.rejection.kind, _state_words(snapshot, target) in message) == ("failed_precondition", True)
-    elif outcome == "T":
-        node_type = snapshot.spec.tree.nodes[target].type.value
-        names_type = node_type in message or "not an activit" in message
-        assert (decision.rejection.kind, names_type) == ("invalid_argument", True), message
-    elif outcome == "W":
-        assert (decision.rejection.kind, "not waiting for a callback" in message) == ("failed_precondition", True)
-    else:
-        raise AssertionError(f"unknown outcome {outcome!r}")
-
-
 @pytest.mark.parametrize(("kind", "label", "operation", "outcome"), CASES)
 def test_every_operation_on_every_node_state(kind: str, label: str, operation: str, outcome: str) -> None:
     snapshot, target = reach(kind, label)
-    check_outcome(snapshot, target, OPERATIONS[operation](snapshot, target), outcome)
+    decision = decide(snapshot, OPERATIONS[operation](snapshot, target), NOW)
+    rejection = decision.rejection  # (locals keep pytest from printing whole snapshots on failure)
+    if outcome in CHANGED_TO:
+        assert rejection is None
+        changed, now = decision.changed, state(decision.snapshot, target)
+        assert (changed, now) == (True, CHANGED_TO[outcome])
+        return
+    if outcome == "=":
+        assert rejection is None
+        changed, commands = decision.changed, decision.commands
+        assert (changed, commands) == (False, ())  # the server drops an unchanged decision, commands and all
+        assert decision.snapshot == snapshot
+        return
+    assert rejection is not None, f"accepted (changed={decision.changed}); wanted a rejection"
+    assert decision.snapshot is snapshot
+    message = rejection.message
+    assert repr(target) in message, message
+    if outcome == "S":
+        names_state = _state_words(snapshot, target) in message
+        assert (rejection.kind, names_state) == ("failed_precondition", True), message
+    elif outcome == "T":
+        node_type = snapshot.spec.tree.nodes[target].type.value
+        names_type = node_type in message or "not an activit" in message
+        assert (rejection.kind, names_type) == ("invalid_argument", True), message
+    elif outcome == "W":
+        says_why = "not waiting for a callback" in message
+        assert (rejection.kind, says_why) == ("failed_precondition", True), message
+    else:
+        raise AssertionError(f"unknown outcome {outcome!r}")
 
 
 def reach_pipeline(label: str) -> Snapshot:
@@ -391,7 +414,7 @@ def test_every_pipeline_operation_on_every_pipeline_state(label: str, operation:
 
 
 def closed_pipeline(label: str) -> Snapshot:
-    """The control tree, FINISHED; or REVOKED with `a` and `s` revoked and both gateways failed."""
+    """The control tree, FINISHED; or REVOKED after `a` and `s` started and both gateways failed."""
     if label == "FINISHED":
         snapshot = begin(control_tree(), route=1, fan=2).snapshot
         for node_id in ("ga", "a", "ge", "e1", "gc", "c1", "c2", "gs", "sa", "k"):
@@ -401,7 +424,8 @@ def closed_pipeline(label: str) -> Snapshot:
         for node_id in ("ga", "ge", "gc", "gs"):
             snapshot = complete(snapshot, node_id)
         snapshot = accepted(snapshot, RevokePipeline()).snapshot
-        assert (state(snapshot, "a"), state(snapshot, "s"), state(snapshot, "eg")) == (REVOKED, REVOKED, FAILED)
+        assert (state(snapshot, "a"), state(snapshot, "s")) == (REVOKED, REVOKED)
+        assert state(snapshot, "eg") in (FAILED, REVOKED)
     assert snapshot.state is PipelineState[label]
     return snapshot
 
@@ -447,17 +471,18 @@ def test_an_unknown_node_is_not_found(operation: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("event", "fragment"),
+    "make",
     [
-        (lambda s: SkipExclusiveGateway("eg", flow_to(s, "cpg", "c1")), "not "),
-        (lambda s: SkipConditionalParallelGateway("cpg", ()), "name outgoing flows"),
-        (lambda s: SkipConditionalParallelGateway("cpg", (flow_to(s, "cpg", "c1"), "f-unknown")), "f-unknown"),
+        lambda s: (SkipExclusiveGateway("eg", flow_to(s, "cpg", "c1")), flow_to(s, "cpg", "c1")),
+        lambda s: (SkipConditionalParallelGateway("cpg", ()), "name outgoing flows"),
+        lambda s: (SkipConditionalParallelGateway("cpg", (flow_to(s, "cpg", "c1"), "f-unknown")), "not f-unknown"),
     ],
 )
-def test_skipping_a_gateway_to_a_flow_it_does_not_have_is_an_invalid_argument(event: Any, fragment: str) -> None:
+def test_skipping_a_gateway_to_a_flow_it_does_not_have_is_an_invalid_argument(make: Any) -> None:
     snapshot = begin(control_tree(), route=0, fan=0).snapshot
     snapshot = complete(complete(snapshot, "ge"), "gc")
-    kind, message = rejected(snapshot, event(snapshot))
+    event, fragment = make(snapshot)
+    kind, message = rejected(snapshot, event)
     assert (kind, fragment in message) == ("invalid_argument", True), message
 
 
@@ -724,6 +749,17 @@ def test_callback_is_offered_to_the_worker_and_a_second_one_waits_its_turn() -> 
     assert state(done.snapshot, "b") is RUNNING
 
 
+def test_a_polling_node_is_not_waiting_for_a_callback() -> None:
+    """Only a node that awaits a callback, or whose worker is handling one, takes a callback; data sent to a node
+    that is merely polling would wait for an `await_callback` reply that may never come."""
+    snapshot = begin(chain(work("a"))).snapshot
+    v = version(snapshot, "a")
+    polling = complete(snapshot, "a", {"progress": 50}, poll_after_ms=1000)
+    assert polling.nodes["a"].schedule_times == 1
+    kind, message = rejected(polling, Callback("a", v, {"approved": True}))
+    assert (kind, "not waiting for a callback" in message) == ("failed_precondition", True)
+
+
 def test_a_queued_callback_is_not_delivered_to_a_later_attempt() -> None:
     snapshot = begin(chain(work("a", auto_retry={"enable": True, "times": 1, "interval": 0}))).snapshot
     v1 = version(snapshot, "a")
@@ -836,6 +872,18 @@ def test_a_failed_node_inside_a_revoked_subprocess_cannot_be_brought_back(operat
     assert (kind, "REVOKED" in message) == ("failed_precondition", True), message
 
 
+def test_a_paused_subprocess_with_a_running_task_keeps_the_pipeline_from_failing() -> None:
+    """A failure elsewhere must not fail the pipeline while work is still running (DESIGN §3): the task's result
+    would be refused and the task lost."""
+    snapshot = begin(sibling_tree()).snapshot
+    snapshot = accepted(snapshot, PausePipeline(scope="s")).snapshot
+    snapshot = fail(snapshot, "k")
+    assert (state(snapshot, "k"), state(snapshot, "s"), state(snapshot, "sa")) == (FAILED, SUSPENDED, RUNNING)
+    assert snapshot.state is PipelineState.RUNNING
+    done = accepted(snapshot, TaskCompleted("sa", version(snapshot, "sa")))
+    assert state(done.snapshot, "sa") is FINISHED
+
+
 @pytest.mark.parametrize("operation", ["resume_scope", "revoke_scope"])
 def test_a_subprocess_scope_operation_on_a_pause_appointment_does_not_start_or_end_it(operation: str) -> None:
     """The subprocess was appointed to pause but not reached: it must still run normally once the path arrives."""
@@ -858,16 +906,15 @@ def machine_tree() -> dict[str, Any]:
     a1 = work("a1", timeout_config={"enable": True, "seconds": 5, "action": "forced_fail_and_skip"})
     sub = subprocess("s", work("sa", auto_retry={"enable": True, "times": 1, "interval": 0}))
     eg = ExclusiveGateway({0: "${pick} == 1", 1: "${pick} == 2"}, id="eg")
-    start.extend(pg).connect(a1, sub).to(pg).converge(cg).extend(eg).connect(work("b1"), work("b2")).to(
-        eg
-    ).converge(ConvergeGateway(id="cge")).extend(EmptyEndEvent(id="end"))
+    eg.connect(work("b1"), work("b2")).to(eg).converge(ConvergeGateway(id="cge")).extend(EmptyEndEvent(id="end"))
+    start.extend(pg).connect(a1, sub).to(pg).converge(cg).extend(eg)
     variables = data()
     variables.inputs["${pick}"] = NodeOutput(source_act="a1", source_key="pick", type=Var.PLAIN, value=0)
     return build_tree(start, data=variables)
 
 
 MACHINE_TREE = machine_tree()
-MACHINE_NODES = sorted(parse_tree(MACHINE_TREE).tree.nodes) + ["nope"]
+MACHINE_NODES = ["a1", "s", "s_start", "sa", "cg", "eg", "b1", "b2", "end", "nope"]
 NODE_OPERATIONS = sorted(set(OPERATIONS) - {"pause_scope", "resume_scope", "revoke_scope"})
 
 
@@ -932,9 +979,9 @@ class ControlMachine(RuleBasedStateMachine):
 
     def report(self, key: tuple[str, str], event: Event) -> None:
         """A worker holding the live offer `key` reports; the offer is used up if the report is taken."""
-        decision = self.apply(event)
-        if decision.rejection is None:
-            self.ledger.live[key] -= 1
+        rejection = self.apply(event).rejection
+        assert rejection is None, f"the engine refused the result of a task it offered: {rejection}"
+        self.ledger.live[key] -= 1
 
     @precondition(lambda self: self.live_offers())
     @rule(data=st.data(), pick=st.sampled_from([0, 1, 2]), mode=st.sampled_from(["done", "poll", "await"]))
@@ -999,5 +1046,14 @@ class ControlMachine(RuleBasedStateMachine):
                 assert live == {}, (node_id, run, live)
 
 
-ControlMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+# derandomize: the same sequences on every run and machine, so the suite passes or fails the same way everywhere;
+# no explain phase: it costs seconds and the shrunk steps already tell the story.
+ControlMachine.TestCase.settings = settings(
+    max_examples=300,
+    stateful_step_count=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[phase for phase in Phase if phase is not Phase.explain],
+)
 TestControlMachine = ControlMachine.TestCase

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from engine_server.core.decide import (
     CancelTasks,
@@ -64,6 +64,7 @@ from engine_server.records import (
     snapshot_from_rows,
 )
 from engine_server.settings import Settings
+from storage.notifier import LocalNotifier, Notifier
 from storage.schema import CANCELLED, COMPLETED, DONE, EXECUTE, FAILED, QUEUED, SCHEDULE
 from storage.store import Store, WriteSet
 
@@ -243,9 +244,17 @@ class _Cached:
 
 
 class Engine:
-    def __init__(self, store: Store, settings: Settings, *, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        notifier: Notifier | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.notifier: Notifier = notifier or LocalNotifier()
         self.clock = clock
         self.specs = SpecCache()
         self._db = ThreadPoolExecutor(1, thread_name_prefix="engine-db")
@@ -274,6 +283,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         log.info("database: %s", await loop.run_in_executor(self._db, self.store.prepare_schema))
         self._next_due_at, self._next_timer_at = await loop.run_in_executor(self._readers, self._earliest_pending)
+        await self.notifier.start(self._woken)
         self._loop_task = asyncio.create_task(self._run(), name="engine-loop")
 
     def _earliest_pending(self) -> tuple[int | None, int | None]:
@@ -295,9 +305,18 @@ class Engine:
             if not poll.future.done():
                 poll.future.set_result([])
         await asyncio.get_running_loop().run_in_executor(self._db, self._close_writer_connection)
+        await self.notifier.stop()
         self._db.shutdown(wait=True)
         self._readers.shutdown(wait=True)
         self.store.dispose()
+
+    def _woken(self, codes: set[str]) -> None:
+        """A wake-up from another replica; no codes means "you may have missed some: check everything"."""
+        if codes:
+            self.notify(codes)
+        else:
+            self._next_recheck_at = 0
+            self._kick.set()
 
     def notify(self, codes: Iterable[str]) -> None:
         """Another replica enqueued tasks of these codes (wake-up only; the database holds the tasks)."""
@@ -558,6 +577,8 @@ class Engine:
                 op.future.set_exception(outcome)
             else:
                 op.future.set_result(outcome)
+        if result.enqueued_codes or result.requeued_codes:
+            self.notifier.publish(result.enqueued_codes | result.requeued_codes)
         maybe = self._maybe_codes | result.enqueued_codes | result.requeued_codes
         for poll, claimed in zip(polls, result.claims, strict=True):
             poll.fresh = False
@@ -640,7 +661,9 @@ class Engine:
 
 
 def _is_transient(exc: DBAPIError) -> bool:
-    if exc.connection_invalidated:
+    if exc.connection_invalidated or isinstance(exc, IntegrityError):
+        # IntegrityError: another replica inserted the same pipeline id or idempotency key meanwhile; the
+        # retried batch sees it and answers as it should (ALREADY_EXISTS, or the existing pipeline).
         return True
     text = str(exc.orig or exc).lower()
     return any(

@@ -15,6 +15,7 @@ from engine_server.servicers import EngineServicer, WorkerServicer
 from engine_server.settings import Settings
 from storage.database import DatabaseInUse, SqliteLock
 from storage.migrate import SchemaMismatch
+from storage.notifier import LocalNotifier, RedisNotifier
 from storage.store import Store
 
 log = logging.getLogger("engine_server")
@@ -28,7 +29,8 @@ class EngineServer:
         self.settings = settings
         self.sqlite_lock = SqliteLock(settings.database_url)
         self.store = Store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
-        self.engine = Engine(self.store, settings)
+        notifier = RedisNotifier(settings.redis_url) if settings.redis_url else LocalNotifier()
+        self.engine = Engine(self.store, settings, notifier=notifier)
         # Room for the largest tree plus framing; payload fields are checked against their own limit.
         max_message = max(settings.max_tree_bytes, settings.max_payload_bytes) + 1024 * 1024
         self.grpc_server = grpc.aio.server(

@@ -16,6 +16,8 @@ class Settings:
     listen: str = "127.0.0.1:50051"
     # sqlite:///path/to/file.db (embedded default) or postgresql://user@host/db
     database_url: str = DEFAULT_DATABASE_URL
+    # redis://host:port/db to wake long polls across replicas at once; empty: replicas poll the database.
+    redis_url: str = ""
     # SQLite fsync policy: FULL makes every acknowledged commit survive power loss; NORMAL only crashes.
     sqlite_synchronous: str = "FULL"
     # How long a claimed task stays with its worker without a heartbeat.
@@ -31,7 +33,7 @@ class Settings:
     transient_retry_budget: int = 3
     # How often expired leases are looked for, and how often waiting polls re-check the database.
     reap_interval_ms: int = 1_000
-    recheck_interval_ms: int = 1_000
+    recheck_interval_ms: int = 500
     # Most events applied in one transaction.
     max_batch: int = 2_000
     # How many times one node may be entered by loops before it fails.
@@ -44,6 +46,7 @@ class Settings:
 _HELP = {
     "listen": "address to listen on, host:port",
     "database_url": "sqlite:///file.db (default data/engine.db) or postgresql://user@host/dbname",
+    "redis_url": "redis://host:6379/0 for instant wake-ups across replicas (optional)",
     "sqlite_synchronous": "SQLite synchronous pragma: FULL (durable, default) or NORMAL",
     "lease_ms": "task lease without heartbeat, ms",
     "max_poll_wait_ms": "cap on PollTasks wait_ms",

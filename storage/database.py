@@ -83,7 +83,8 @@ class SqliteLock:
     """
 
     def __init__(self, url: str) -> None:
-        database = make_url(normalise_url(url)).database
+        parsed = make_url(normalise_url(url))
+        database = parsed.database if parsed.get_backend_name() == "sqlite" else None
         self.path = Path(f"{database}.lock") if database and database != ":memory:" else None
         self._file: Any = None
 

@@ -69,9 +69,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 def server(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A real engine server process on a free port (short lease so dead workers are noticed quickly)."""
     process = ServerProcess(database_url, log_dir=tmp_path_factory.mktemp("server"), extra_args=["--lease-ms", "3000"])
-    process.start()
-    yield process
-    process.stop()
+    try:
+        process.start()
+        yield process
+    finally:
+        process.stop()
 
 
 @pytest.fixture

@@ -76,15 +76,23 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def replicas(database_url: str, folder: Path, count: int, *args: str) -> list[ServerProcess]:
-    started = []
-    for index in range(count):
-        log_dir = folder / f"replica{index}"
-        log_dir.mkdir()
-        server = ServerProcess(database_url, log_dir=log_dir, extra_args=list(args))
-        server.start()
-        started.append(server)
-    return started
+@pytest.fixture
+def replicas(database_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Starts engine replicas on the test's database; every one is stopped after the test, whatever happens."""
+    started: list[ServerProcess] = []
+
+    def start(count: int, *args: str) -> list[ServerProcess]:
+        for _ in range(count):
+            log_dir = tmp_path / f"replica{len(started)}"
+            log_dir.mkdir()
+            server = ServerProcess(database_url, log_dir=log_dir, extra_args=list(args))
+            started.append(server)
+            server.start()
+        return started[-count:]
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def wake_up_seconds(poller: ServerProcess, starter: ServerProcess, code: str) -> float:
@@ -113,46 +121,28 @@ def wake_up_seconds(poller: ServerProcess, starter: ServerProcess, code: str) ->
     return float(received["at"] - started)
 
 
-def test_redis_wakes_a_long_poll_on_another_replica(
-    database_url: str, redis_server: RedisServer, tmp_path: Path
-) -> None:
+def test_redis_wakes_a_long_poll_on_another_replica(replicas: Any, redis_server: RedisServer) -> None:
     # The database re-check is made slow, so only a Redis wake-up can explain a fast hand-over.
-    a, b = replicas(database_url, tmp_path, 2, "--redis-url", redis_server.url, "--recheck-interval-ms", "10000")
-    try:
-        latencies = [wake_up_seconds(b, a, "hand_over") for _ in range(3)]
-        assert max(latencies) < 2.0, latencies
-    finally:
-        a.stop()
-        b.stop()
+    a, b = replicas(2, "--redis-url", redis_server.url, "--recheck-interval-ms", "10000")
+    latencies = [wake_up_seconds(b, a, "hand_over") for _ in range(3)]
+    assert max(latencies) < 2.0, latencies
 
 
-def test_without_redis_replicas_find_each_others_tasks_by_polling_the_database(
-    database_url: str, tmp_path: Path
-) -> None:
-    a, b = replicas(database_url, tmp_path, 2, "--recheck-interval-ms", "300")
-    try:
-        assert wake_up_seconds(b, a, "polled") < 10.0  # well before the poll's own 15 s wait ends
-    finally:
-        a.stop()
-        b.stop()
+def test_without_redis_replicas_find_each_others_tasks_by_polling_the_database(replicas: Any) -> None:
+    a, b = replicas(2, "--recheck-interval-ms", "300")
+    assert wake_up_seconds(b, a, "polled") < 10.0  # well before the poll's own 15 s wait ends
 
 
-def test_a_redis_restart_loses_nothing_and_wake_ups_resume(
-    database_url: str, redis_server: RedisServer, tmp_path: Path
-) -> None:
-    a, b = replicas(database_url, tmp_path, 2, "--redis-url", redis_server.url, "--recheck-interval-ms", "4000")
-    try:
-        assert wake_up_seconds(b, a, "before") < 2.0
-        redis_server.stop()
-        # Redis is down: the database re-check still hands the task over (within its 4 s interval).
-        assert wake_up_seconds(b, a, "during") < 10.0
-        redis_server.start()
-        deadline = time.monotonic() + 20
-        while not all("is back: wake-ups resume" in replica.log() for replica in (a, b)):
-            assert time.monotonic() < deadline, "the replicas did not reconnect to Redis"
-            time.sleep(0.1)
-        assert wake_up_seconds(b, a, "after") < 2.0
-        assert "falling back to polling the database" in b.log()
-    finally:
-        a.stop()
-        b.stop()
+def test_a_redis_restart_loses_nothing_and_wake_ups_resume(replicas: Any, redis_server: RedisServer) -> None:
+    a, b = replicas(2, "--redis-url", redis_server.url, "--recheck-interval-ms", "4000")
+    assert wake_up_seconds(b, a, "before") < 2.0
+    redis_server.stop()
+    # Redis is down: the database re-check still hands the task over (within its 4 s interval).
+    assert wake_up_seconds(b, a, "during") < 10.0
+    redis_server.start()
+    deadline = time.monotonic() + 20
+    while not all("is back: wake-ups resume" in replica.log() for replica in (a, b)):
+        assert time.monotonic() < deadline, "the replicas did not reconnect to Redis"
+        time.sleep(0.1)
+    assert wake_up_seconds(b, a, "after") < 2.0
+    assert "falling back to polling the database" in b.log()

@@ -63,6 +63,7 @@ class ServerProcess:
                     return
                 except grpc.FutureTimeoutError:
                     continue
+        self.kill()
         raise RuntimeError(f"engine server did not start within {timeout}s:\n{self.log()}")
 
     def kill(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import subprocess
 import threading
@@ -12,12 +13,25 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import text
 
 from engine_api.engine.v1 import worker_pb2, worker_pb2_grpc
+from storage.database import create_database_engines
 from tests.conftest import REQUIRE_SERVICES
-from tests.support.processes import ServerProcess, free_port
+from tests.flows import act, data
+from tests.support.module_engine import flat_states
+from tests.support.processes import ServerProcess, WorkerProcess, free_port
 from tests.trees import chain_tree
 from worker_sdk import EngineClient
+from worker_sdk.builder import (
+    ConvergeGateway,
+    EmptyEndEvent,
+    EmptyStartEvent,
+    ExclusiveGateway,
+    ParallelGateway,
+    SubProcess,
+    build_tree,
+)
 
 pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 
@@ -146,3 +160,143 @@ def test_a_redis_restart_loses_nothing_and_wake_ups_resume(replicas: Any, redis_
         time.sleep(0.1)
     assert wake_up_seconds(b, a, "after") < 2.0
     assert "falling back to polling the database" in b.log()
+
+
+def bamboo_shape() -> dict[str, Any]:
+    """bamboo-engine's benchmark shape: two activities -> a subprocess of two -> 3-branch parallel ->
+    converge -> 2-branch exclusive -> activity -> converge -> end (17 nodes, 9 of them tasks)."""
+
+    def work(step: str) -> Any:
+        return act("sleep", seconds=0.2, step=step)
+
+    child = EmptyStartEvent()
+    child.extend(work("sub 1")).extend(work("sub 2")).extend(EmptyEndEvent())
+    start, fork, join = EmptyStartEvent(), ParallelGateway(), ConvergeGateway()
+    choose, merge = ExclusiveGateway({0: "${n} > 0", 1: "${n} <= 0"}), ConvergeGateway()
+    tail = start.extend(work("a")).extend(work("b")).extend(SubProcess(start=child)).extend(fork)
+    tail = tail.connect(work("p1"), work("p2"), work("p3")).to(fork).converge(join).extend(choose)
+    tail = tail.connect(work("yes"), work("no")).to(choose).converge(merge)
+    tail.extend(work("last")).extend(EmptyEndEvent())
+    return build_tree(start, data=data(n=1))
+
+
+def claimed_tasks(database_url: str) -> int:
+    engine = create_database_engines(database_url)[0]
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM tasks WHERE status = 1")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(300)
+def test_replicas_and_workers_killed_at_random_lose_nothing(
+    database_url: str, replicas: Any, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """3 replicas, 6 worker processes, 300 pipelines of the 17-node shape started through different replicas;
+    every few seconds a replica or a worker is killed with SIGKILL and started again."""
+    servers = replicas(3, "--redis-url", redis_server.url, "--lease-ms", "3000")
+    record = tmp_path / "executions.jsonl"
+    workers = []
+    for index in range(6):
+        folder = tmp_path / f"worker{index}"
+        folder.mkdir()
+        worker = WorkerProcess(
+            servers[index % 3].address,
+            ["sleep"],
+            concurrency=8,
+            log_dir=folder,
+            env={"WORKER_RECORD_FILE": str(record)},
+        )
+        worker.start()
+        workers.append(worker)
+    tree = bamboo_shape()
+    clients = [EngineClient(server.address) for server in servers]
+    try:
+        pipeline_ids = [clients[i % 3].start(tree) for i in range(300)]
+        rng = random.Random(7)
+        kills = {"replica": 0, "worker": 0}
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            finished = clients[0].list_pipelines(states=["FINISHED"], page_size=1000)
+            if len(finished) == len(pipeline_ids):
+                break
+            time.sleep(1.5)
+            if kills["replica"] <= kills["worker"]:  # alternate: a replica, then a worker, ...
+                victim = rng.choice(servers)
+                victim.kill()
+                victim.start()
+                kills["replica"] += 1
+            else:
+                victim_worker = rng.choice(workers)
+                victim_worker.kill()
+                victim_worker.start()
+                kills["worker"] += 1
+        states = {p["id"]: p["state"] for p in clients[1].list_pipelines(page_size=1000)}
+        assert all(states[p] == "FINISHED" for p in pipeline_ids), {s for s in states.values()}
+        assert kills["replica"] >= 2 and kills["worker"] >= 2, kills
+        sample = pipeline_ids[::25]
+        for pipeline_id in sample:  # one finished attempt per node, no retries, no history
+            state = clients[2].get_state(pipeline_id)
+            for node in flat_states(state).values():
+                assert node == "FINISHED"
+        assert claimed_tasks(database_url) == 0  # nothing left claimed
+        executed = sum('"started"' in line for line in record.read_text().splitlines())
+        # At-least-once delivery: a task whose worker or replica was killed mid-way runs again.
+        print(
+            f"\n{len(pipeline_ids) * 9} tasks, {executed} executions ({executed - len(pipeline_ids) * 9} re-runs "
+            f"after {kills['replica']} replica and {kills['worker']} worker kills)"
+        )
+        assert executed >= len(pipeline_ids) * 9
+    finally:
+        for client in clients:
+            client.close()
+        for worker in workers:
+            worker.stop()
+
+
+def test_database_connections_terminated_mid_run_are_reopened(
+    database_url: str, postgres_admin_url: str, replicas: Any, tmp_path: Path
+) -> None:
+    servers = replicas(2, "--lease-ms", "3000")
+    record = tmp_path / "executions.jsonl"
+    workers = []
+    for index in range(2):
+        folder = tmp_path / f"worker{index}"
+        folder.mkdir()
+        worker = WorkerProcess(
+            servers[index].address, ["sleep"], concurrency=8, log_dir=folder, env={"WORKER_RECORD_FILE": str(record)}
+        )
+        worker.start()
+        workers.append(worker)
+    database = database_url.rsplit("/", 1)[1]
+    admin = create_database_engines(postgres_admin_url)[0]
+    clients = [EngineClient(server.address) for server in servers]
+    try:
+        pipeline_ids = [clients[i % 2].start(bamboo_shape()) for i in range(60)]
+        terminated = 0
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if len(clients[0].list_pipelines(states=["FINISHED"], page_size=1000)) == len(pipeline_ids):
+                break
+            time.sleep(1.0)
+            with admin.connect() as connection:
+                terminated += len(
+                    connection.execute(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE datname = :name AND pid <> pg_backend_pid()"
+                        ),
+                        {"name": database},
+                    ).all()
+                )
+        states = {p["id"]: p["state"] for p in clients[1].list_pipelines(page_size=1000)}
+        assert all(states[p] == "FINISHED" for p in pipeline_ids)
+        assert terminated >= 2  # the servers' connections really were cut, more than once
+        assert any("database error, retrying the batch" in server.log() for server in servers)
+    finally:
+        admin.dispose()
+        for client in clients:
+            client.close()
+        for worker in workers:
+            worker.stop()

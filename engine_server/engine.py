@@ -487,6 +487,25 @@ class Engine:
         view: PipelineView = await self.read(load)
         return view
 
+    async def purge(self, finished_before: int, batch_size: int = 500) -> int:
+        """Retention: deletes ended pipelines batch by batch on the database thread, so engine batches run in
+        between (ended pipelines are no longer cached)."""
+        if finished_before > self.clock():
+            raise InvalidArgument("finished_before is in the future: only pipelines that already ended are purged")
+        size = max(1, min(batch_size or 500, 10_000))
+        loop = asyncio.get_running_loop()
+        purged = 0
+        while count := await loop.run_in_executor(self._db, self._purge_batch, finished_before, size):
+            purged += count
+        if purged:
+            log.info("purged %d pipelines that ended before %d", purged, finished_before)
+        return purged
+
+    def _purge_batch(self, finished_before: int, size: int) -> int:
+        if self._writer_conn is None:
+            self._writer_conn = self.store.writer.connect()
+        return self.store.purge_batch(self._writer_conn, finished_before, size)
+
     async def get_node(self, pipeline_id: str, node_id: str) -> NodeRun:
         view = await self.get_pipeline(pipeline_id)
         for run in view.nodes:

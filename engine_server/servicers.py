@@ -239,6 +239,15 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             response.next_page_token = f"{rows[-1].created_at}:{rows[-1].id}"
         return response
 
+    @maps_errors
+    async def PurgePipelines(
+        self, request: engine_pb2.PurgePipelinesRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.PurgePipelinesResponse:
+        if request.finished_before_unix_ms <= 0:
+            raise InvalidArgument("finished_before_unix_ms is required")
+        purged = await self.engine.purge(request.finished_before_unix_ms, request.batch_size)
+        return engine_pb2.PurgePipelinesResponse(purged=purged)
+
     # ---------------------------------------------------------------- control operations
 
     async def _control(self, pipeline_id: str, event: Event) -> engine_pb2.OperationResponse:

@@ -50,6 +50,8 @@ pipelines = Table(
     Column("created_at", BigInteger, nullable=False),
     Column("finished_at", BigInteger, nullable=False, default=0),
     Index("ix_pipelines_state_created", "state", "created_at"),
+    # Retention: finished pipelines are found by age.
+    Index("ix_pipelines_state_finished", "state", "finished_at"),
 )
 
 node_states = Table(
@@ -154,4 +156,5 @@ timers = Table(
     Column("fire_at", BigInteger, nullable=False),
     Column("status", SmallInteger, nullable=False, default=PENDING),
     Index("ix_timers_due", "status", "fire_at"),
+    Index("ix_timers_pipeline", "pipeline_id"),
 )

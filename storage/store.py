@@ -326,6 +326,31 @@ class Store:
         next_at: int | None = conn.scalar(self._next_timer)
         return next_at
 
+    def purge_batch(self, conn: Connection, finished_before: int, batch_size: int) -> int:
+        """Deletes up to `batch_size` FINISHED or REVOKED pipelines that ended before `finished_before`, with
+        everything they own, in one short transaction. Returns how many (0 when none are left)."""
+        with conn.begin():
+            ids = list(
+                conn.scalars(
+                    select(pipelines.c.id)
+                    .where(pipelines.c.state.in_(["FINISHED", "REVOKED"]), pipelines.c.finished_at < finished_before)
+                    .limit(batch_size)
+                )
+            )
+            if ids:
+                for table in (node_states, node_histories, tasks, timers):
+                    conn.execute(table.delete().where(table.c.pipeline_id.in_(ids)))
+                conn.execute(pipelines.delete().where(pipelines.c.id.in_(ids)))
+        return len(ids)
+
+    def purge_finished(self, finished_before: int, batch_size: int = 500) -> int:
+        """Purges batch after batch (for the CLI, with no server running); returns how many in all."""
+        purged = 0
+        with self.writer.connect() as conn:
+            while count := self.purge_batch(conn, finished_before, batch_size):
+                purged += count
+        return purged
+
     def earliest_pending_task(self, conn: Connection) -> int | None:
         earliest: int | None = conn.scalar(select(func.min(tasks.c.available_at)).where(tasks.c.status == QUEUED))
         return earliest

@@ -472,6 +472,11 @@ class EngineTransport(_Caller):
         response: engine_pb2.ListPipelinesResponse = self._unary(self._stub.ListPipelines, request, timeout)
         return [_summary_to_dict(summary) for summary in response.pipelines], response.next_page_token
 
+    def purge_pipelines(self, *, finished_before_unix_ms: int, timeout: float | None) -> int:
+        request = engine_pb2.PurgePipelinesRequest(finished_before_unix_ms=finished_before_unix_ms)
+        response: engine_pb2.PurgePipelinesResponse = self._unary(self._stub.PurgePipelines, request, timeout)
+        return int(response.purged)
+
     def watch(self, pipeline_id: str, timeout: float | None) -> Iterator[dict[str, Any]]:
         call = self._stub.Watch(
             engine_pb2.WatchRequest(pipeline_id=pipeline_id), timeout=timeout, metadata=self._metadata

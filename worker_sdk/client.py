@@ -180,6 +180,11 @@ class EngineClient:
                 )
             time.sleep(poll_interval)
 
+    def purge_pipelines(self, older_than_seconds: float) -> int:
+        """Retention: deletes FINISHED and REVOKED pipelines that ended more than this long ago; returns how many."""
+        finished_before = int((time.time() - older_than_seconds) * 1000)
+        return self._engine.purge_pipelines(finished_before_unix_ms=finished_before, timeout=self.timeout)
+
     def list_pipelines(self, states: Iterable[str] | None = None, page_size: int = 100) -> list[dict[str, Any]]:
         """All pipelines (in `states`, e.g. ``["RUNNING"]``, if given), following page tokens.
 

@@ -69,3 +69,74 @@ def test_a_second_server_on_the_same_sqlite_file_is_refused(database_url: str, t
         assert "PostgreSQL" in second.log()
     finally:
         first.stop()
+
+
+def test_upgrading_from_the_first_migration_keeps_running_pipelines_running(database_url: str, tmp_path: Path) -> None:
+    from alembic import command
+
+    from storage.migrate import _config
+    from tests.trees import chain_tree
+    from worker_sdk import EngineClient
+
+    server = ServerProcess(database_url, log_dir=tmp_path)
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            pipeline_ids = [client.start(chain_tree(["later", "later"])) for _ in range(3)]
+    finally:
+        server.stop()
+    engine = create_database_engines(database_url)[0]
+    with engine.begin() as connection:  # back to the database as the first migration made it
+        command.downgrade(_config(connection), "0001")
+    engine.dispose()
+    refused = ServerProcess(database_url, log_dir=tmp_path / "refused")
+    (tmp_path / "refused").mkdir()
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        refused.start(timeout=20)
+    assert "run `engine-server migrate`" in refused.log()
+    assert run_cli("migrate", "--database-url", database_url).returncode == 0
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            for pipeline_id in pipeline_ids:
+                assert client.get_state(pipeline_id)["state"] == "RUNNING"
+            import grpc
+
+            from engine_api.engine.v1 import worker_pb2, worker_pb2_grpc
+
+            with grpc.insecure_channel(server.address) as channel:
+                worker = worker_pb2_grpc.WorkerServiceStub(channel)
+                for _ in range(6):
+                    [task] = worker.PollTasks(
+                        worker_pb2.PollTasksRequest(worker_id="w", component_codes=["later"], wait_ms=5000)
+                    ).tasks
+                    worker.CompleteTask(worker_pb2.CompleteTaskRequest(token=task.token))
+            assert all(client.wait(p, timeout=10)["state"] == "FINISHED" for p in pipeline_ids)
+    finally:
+        server.stop()
+
+
+def test_purge_deletes_only_pipelines_that_ended_long_enough_ago(database_url: str, tmp_path: Path) -> None:
+    from tests.trees import chain_tree
+    from worker_sdk import EngineClient, NotFound
+
+    server = ServerProcess(database_url, log_dir=tmp_path)
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            ended = client.start(chain_tree(["x"]))
+            client.revoke_pipeline(ended)
+            running = client.start(chain_tree(["x"]))
+            assert client.purge_pipelines(older_than_seconds=3600) == 0  # nothing ended an hour ago
+            assert client.purge_pipelines(older_than_seconds=0) == 1
+            with pytest.raises(NotFound):
+                client.get_state(ended)
+            assert client.get_state(running)["state"] == "RUNNING"
+            client.revoke_pipeline(running)
+    finally:
+        server.stop()
+    result = run_cli("purge", "--older-than", "0s", "--database-url", database_url)
+    assert result.returncode == 0, result.stderr
+    assert "purged 1 pipelines" in result.stdout
+    bad = run_cli("purge", "--older-than", "soon", "--database-url", database_url)
+    assert bad.returncode != 0 and "whole number and s, m, h or d" in bad.stderr

@@ -747,3 +747,46 @@ class StateChange(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StateChange: _TypeAlias = StateChange  # noqa: Y015
+
+@_typing.final
+class PurgePipelinesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISHED_BEFORE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    finished_before_unix_ms: _builtins.int
+    """Pipelines that ended before this time are deleted. Required."""
+    batch_size: _builtins.int
+    """Pipelines deleted per transaction (default 500)."""
+    def __init__(
+        self,
+        *,
+        finished_before_unix_ms: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "finished_before_unix_ms", b"finished_before_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgePipelinesRequest: _TypeAlias = PurgePipelinesRequest  # noqa: Y015
+
+@_typing.final
+class PurgePipelinesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_FIELD_NUMBER: _builtins.int
+    purged: _builtins.int
+    def __init__(
+        self,
+        *,
+        purged: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged", b"purged"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgePipelinesResponse: _TypeAlias = PurgePipelinesResponse  # noqa: Y015

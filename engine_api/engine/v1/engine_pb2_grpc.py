@@ -129,6 +129,11 @@ class EngineServiceStub:
                 request_serializer=engine_dot_v1_dot_engine__pb2.WatchRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_engine__pb2.StateChange.FromString,
                 _registered_method=True)
+        self.PurgePipelines = channel.unary_unary(
+                '/engine.v1.EngineService/PurgePipelines',
+                request_serializer=engine_dot_v1_dot_engine__pb2.PurgePipelinesRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.PurgePipelinesResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServiceServicer:
@@ -266,6 +271,14 @@ class EngineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgePipelines(self, request, context):
+        """Retention: deletes FINISHED and REVOKED pipelines that ended before a time, with their nodes, histories,
+        tasks and timers, in small batches that never block running work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -363,6 +376,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=engine_dot_v1_dot_engine__pb2.WatchRequest.FromString,
                     response_serializer=engine_dot_v1_dot_engine__pb2.StateChange.SerializeToString,
+            ),
+            'PurgePipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgePipelines,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.PurgePipelinesRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.PurgePipelinesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -878,6 +896,33 @@ class EngineService:
             '/engine.v1.EngineService/Watch',
             engine_dot_v1_dot_engine__pb2.WatchRequest.SerializeToString,
             engine_dot_v1_dot_engine__pb2.StateChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgePipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/PurgePipelines',
+            engine_dot_v1_dot_engine__pb2.PurgePipelinesRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.PurgePipelinesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,10 @@ class EngineServiceStub:
     ListPipelines: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ListPipelinesRequest, _engine_pb2.ListPipelinesResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_engine_pb2.WatchRequest, _engine_pb2.StateChange]
     """Streams state changes of a pipeline, starting with its current state, until it reaches a final state."""
+    PurgePipelines: _grpc.UnaryUnaryMultiCallable[_engine_pb2.PurgePipelinesRequest, _engine_pb2.PurgePipelinesResponse]
+    """Retention: deletes FINISHED and REVOKED pipelines that ended before a time, with their nodes, histories,
+    tasks and timers, in small batches that never block running work.
+    """
 
 @_typing.type_check_only
 class EngineServiceAsyncStub(EngineServiceStub):
@@ -120,6 +124,10 @@ class EngineServiceAsyncStub(EngineServiceStub):
     ListPipelines: _aio.UnaryUnaryMultiCallable[_engine_pb2.ListPipelinesRequest, _engine_pb2.ListPipelinesResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_engine_pb2.WatchRequest, _engine_pb2.StateChange]  # type: ignore[assignment]
     """Streams state changes of a pipeline, starting with its current state, until it reaches a final state."""
+    PurgePipelines: _aio.UnaryUnaryMultiCallable[_engine_pb2.PurgePipelinesRequest, _engine_pb2.PurgePipelinesResponse]  # type: ignore[assignment]
+    """Retention: deletes FINISHED and REVOKED pipelines that ended before a time, with their nodes, histories,
+    tasks and timers, in small batches that never block running work.
+    """
 
 class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -273,5 +281,15 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_engine_pb2.StateChange], _abc.AsyncIterator[_engine_pb2.StateChange]]:
         """Streams state changes of a pipeline, starting with its current state, until it reaches a final state."""
+
+    @_abc_1.abstractmethod
+    def PurgePipelines(
+        self,
+        request: _engine_pb2.PurgePipelinesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.PurgePipelinesResponse, _abc.Awaitable[_engine_pb2.PurgePipelinesResponse]]:
+        """Retention: deletes FINISHED and REVOKED pipelines that ended before a time, with their nodes, histories,
+        tasks and timers, in small batches that never block running work.
+        """
 
 def add_EngineServiceServicer_to_server(servicer: EngineServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

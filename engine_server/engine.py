@@ -390,22 +390,58 @@ class Engine:
         return changed
 
     async def watch(self, pipeline_id: str) -> AsyncIterator[StateChange]:
-        """The pipeline's current state as changes from nothing, then every change until it ends."""
+        """The pipeline's current state as changes from nothing, then every change until it ends.
+
+        Changes this replica applies arrive at once; the stream also re-reads the pipeline now and then, so
+        changes made through other replicas are seen too.
+        """
         queue: asyncio.Queue[tuple[tuple[StateChange, ...], bool]] = asyncio.Queue()
         self._watchers.setdefault(pipeline_id, set()).add(queue)
-        try:
+        known: dict[str, tuple[str, str]] = {}  # node id ("" for the pipeline) -> (state, version)
+
+        def seen(changes: Iterable[StateChange]) -> list[StateChange]:
+            fresh = []
+            for change in changes:
+                if known.get(change.node_id) == (change.new_state, change.version):
+                    continue
+                fresh.append(change)
+                if change.new_state:
+                    known[change.node_id] = (change.new_state, change.version)
+                else:
+                    known.pop(change.node_id, None)
+            return fresh
+
+        async def reread() -> tuple[list[StateChange], bool]:
             view = await self.get_pipeline(pipeline_id)
-            yield StateChange("", "", view.state.value, "", view.created_at)
-            for run in sorted(view.nodes, key=lambda r: r.started_at):
-                yield StateChange(run.node_id, "", run.state.value, run.version, run.started_at)
-            if view.state in FINAL_PIPELINE_STATES:
-                return
-            while True:
-                changes, final = await queue.get()
+            now = self.clock()
+            current = [
+                StateChange(run.node_id, known.get(run.node_id, ("", ""))[0], run.state.value, run.version, now)
+                for run in sorted(view.nodes, key=_reach_order)
+            ]
+            present = {run.node_id for run in view.nodes} | {""}
+            current += [
+                StateChange(node_id, state, "", version, now)
+                for node_id, (state, version) in known.items()
+                if node_id not in present
+            ]
+            # The pipeline's own state comes last, so a stream's last message is the pipeline ending.
+            current.append(StateChange("", known.get("", ("", ""))[0], view.state.value, "", now))
+            return seen(current), view.state in FINAL_PIPELINE_STATES
+
+        try:
+            changes, final = await reread()
+            for change in changes:
+                yield change
+            while not final:
+                try:
+                    batch, final = await asyncio.wait_for(
+                        queue.get(), timeout=2 * self.settings.recheck_interval_ms / 1000
+                    )
+                    changes = seen(batch)
+                except TimeoutError:
+                    changes, final = await reread()
                 for change in changes:
                     yield change
-                if final:
-                    return
         finally:
             watchers = self._watchers.get(pipeline_id)
             if watchers is not None:
@@ -536,7 +572,7 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self._seconds_until_due())
             self._kick.clear()
-            if self._stopping and not self._ops:
+            if self._stopping and not self._ops and not self._releases:
                 return
             now = self.clock()
             ops = self._ops[: self.settings.max_batch]
@@ -679,6 +715,11 @@ class Engine:
             self._cache.popitem(last=False)
 
 
+def _reach_order(run: NodeRun) -> tuple[int, int]:
+    """Nodes in the order they were reached: by start time, then by version (versions are "v<seq>")."""
+    return run.started_at, int(run.version[1:]) if run.version[1:].isdigit() else 0
+
+
 def _is_transient(exc: DBAPIError) -> bool:
     if exc.connection_invalidated or isinstance(exc, IntegrityError):
         # IntegrityError: another replica inserted the same pipeline id or idempotency key meanwhile; the
@@ -766,6 +807,7 @@ class _Batch:
             for timer in fired:
                 self._fire(timer)
             self.writes.task_releases = [{"b_id": t.task_id, "b_claim_no": t.attempt} for t in releases]
+            self.enqueued_codes.update(t.component_code for t in releases)  # offered again: wake the polls
             self._flush(conn)
             requeued = set(self.store.requeue_expired_leases(conn, self.now)) if self.cycle.reap else set()
             claims = [self._claim(conn, request) for request in requests]
@@ -900,9 +942,9 @@ class _Batch:
         decision = decide(cached.snapshot, op.event(row.node_id, row.node_version), self.now)
         if decision.rejection is not None:
             raise REJECTION_ERRORS[decision.rejection.kind](decision.rejection.message)
+        self._apply(row.pipeline_id, decision)
         self.task_status[row.id] = (DONE, op.token.claim_no, kind)
         self.writes.task_completions.append({"b_id": row.id, "completed_claim": op.token.claim_no, "result_kind": kind})
-        self._apply(row.pipeline_id, decision)
         will_retry = op.is_failure and any(
             isinstance(c, OfferTask) and c.node_id == row.node_id for c in decision.commands
         )

@@ -30,6 +30,9 @@ def create_database_engines(url: str, *, sqlite_synchronous: str = "FULL", pool_
         raise ValueError(f"unsupported database {parsed.get_backend_name()!r}: use sqlite:/// or postgresql://")
     engine = create_engine(
         url,
+        # A batch stuck behind another replica's lock or a half-open socket fails (and is retried) instead
+        # of hanging the server, its shutdown included.
+        connect_args={"options": "-c lock_timeout=10000 -c statement_timeout=60000"},
         pool_size=pool_size,
         max_overflow=pool_size,
         # A connection killed by the server (restart, pg_terminate_backend) is noticed before use.

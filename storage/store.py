@@ -125,7 +125,10 @@ class Store:
         self._by_key = select(pipelines.c.idempotency_key, pipelines.c.id).where(
             pipelines.c.idempotency_key.in_(bindparam("keys", expanding=True))
         )
-        self._load_tasks = select(*TASK_COLUMNS).where(tasks.c.id.in_(ids))
+        # PostgreSQL: lock the reported tasks, so a replica's reaper or claim cannot change them under this batch
+        # (and a duplicate report on another replica waits, then sees DONE).
+        load_tasks = select(*TASK_COLUMNS).where(tasks.c.id.in_(ids)).order_by(tasks.c.id)
+        self._load_tasks = load_tasks.with_for_update() if lock else load_tasks
         candidates = (
             select(tasks.c.id)
             .where(

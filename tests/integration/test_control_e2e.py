@@ -527,8 +527,12 @@ def test_watch_starts_with_the_current_state_and_follows_until_the_end(engine: E
     pipeline_id = start(engine, chain(gate, after))
     version = await_callback_ready(engine, pipeline_id, gate.id, 0)
     stream = engine.client.watch(pipeline_id)
-    first = next(stream)
-    assert (first["node_id"], first["new_state"]) == (None, "RUNNING")  # None: the pipeline itself
+    initial = [next(stream) for _ in range(3)]  # the current state: start, the waiting node, the pipeline
+    assert [(c["node_id"], c["new_state"]) for c in initial] == [
+        (initial[0]["node_id"], "FINISHED"),
+        (gate.id, "RUNNING"),
+        (None, "RUNNING"),  # None: the pipeline itself
+    ]
     engine.client.callback(pipeline_id, gate.id, version, {"ok": 1})
     changes = list(stream)
     seen = [(c["node_id"], c["new_state"]) for c in changes]

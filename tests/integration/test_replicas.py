@@ -310,3 +310,19 @@ def test_database_connections_terminated_mid_run_are_reopened(
             client.close()
         for worker in workers:
             worker.stop()
+
+
+def test_watch_on_one_replica_follows_changes_made_through_another(replicas: Any) -> None:
+    a, b = replicas(2, "--recheck-interval-ms", "300")
+    with EngineClient(a.address) as watcher_client, EngineClient(b.address) as other:
+        pipeline_id = other.start(chain_tree(["elsewhere"]))
+        stream = watcher_client.watch(pipeline_id)
+        initial = [next(stream) for _ in range(3)]  # start, the waiting node, then the pipeline itself
+        assert (initial[-1]["node_id"], initial[-1]["new_state"]) == (None, "RUNNING")
+        with grpc.insecure_channel(b.address) as channel:
+            worker = worker_pb2_grpc.WorkerServiceStub(channel)
+            request = worker_pb2.PollTasksRequest(worker_id="w", component_codes=["elsewhere"], wait_ms=5000)
+            [task] = worker.PollTasks(request).tasks
+            worker.CompleteTask(worker_pb2.CompleteTaskRequest(token=task.token))
+        rest = list(stream)  # ends once the pipeline FINISHED, though replica A applied none of it
+        assert rest[-1]["node_id"] is None and rest[-1]["new_state"] == "FINISHED"

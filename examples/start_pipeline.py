@@ -59,10 +59,9 @@ def main() -> None:
         try:
             state = client.wait(pipeline_id, timeout=args.wait)
         except WaitTimeout as timeout:
-            print(
-                f"still {timeout.state['state'] if timeout.state else 'RUNNING'} after {args.wait:.0f} s: is a worker"
-            )
-            print("serving 'greet' and 'shout'? The pipeline carries on as soon as one connects.")
+            state_name = timeout.state["state"] if timeout.state else "RUNNING"
+            print(f"still {state_name} after {args.wait:.0f} s: is a worker serving 'greet' and 'shout' running?")
+            print("The pipeline carries on as soon as one connects.")
             return
         print_state(client, state, pipeline_id)
 

@@ -8,8 +8,10 @@ import logging
 import signal
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from engine_api.engine.v1 import engine_pb2_grpc, worker_pb2_grpc
+from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc, worker_pb2, worker_pb2_grpc
 from engine_server.engine import Engine
 from engine_server.servicers import EngineServicer, WorkerServicer
 from engine_server.settings import Settings
@@ -42,6 +44,16 @@ class EngineServer:
         )
         engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(self.engine, settings), self.grpc_server)
         worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(self.engine, settings), self.grpc_server)
+        # Standard health checking (SERVING once the engine runs) and reflection, so grpcurl works.
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        services = [
+            engine_pb2.DESCRIPTOR.services_by_name["EngineService"].full_name,
+            worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(services, self.grpc_server)
         self.port = 0
 
     async def start(self) -> None:
@@ -60,6 +72,8 @@ class EngineServer:
             await self.engine.start()
         except (SchemaMismatch, DatabaseInUse) as exc:
             raise SystemExit(f"engine-server: {exc}") from None
+        for service in ("", "engine.v1.EngineService", "engine.v1.WorkerService"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
         log.info(
             "engine server listening on %s (database %s)",
@@ -69,6 +83,7 @@ class EngineServer:
 
     async def stop(self) -> None:
         log.info("shutting down: finishing in-flight requests")
+        await self.health.enter_graceful_shutdown()
         stopping = asyncio.create_task(self.grpc_server.stop(SHUTDOWN_GRACE_S))
         await self.engine.stop()
         await stopping

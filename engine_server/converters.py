@@ -5,7 +5,7 @@ from __future__ import annotations
 from engine_api.engine.v1 import engine_pb2, types_pb2, worker_pb2
 from engine_server.core.model import NodeRun, NodeState, NodeType, PipelineState
 from engine_server.engine import ClaimedTask, PipelineView
-from engine_server.records import dumps
+from engine_server.records import dumps, reach_order
 
 NODE_STATES = {state: types_pb2.NodeState.Value(f"NODE_STATE_{state.value}") for state in NodeState}
 PIPELINE_STATES = {state: types_pb2.PipelineState.Value(f"PIPELINE_STATE_{state.value}") for state in PipelineState}
@@ -52,10 +52,6 @@ def _state_node(run: NodeRun, node_type: NodeType, name: str) -> engine_pb2.Stat
     )
 
 
-def _version_order(version: str) -> int:
-    return int(version[1:]) if version[1:].isdigit() else 0
-
-
 def state_tree(view: PipelineView) -> engine_pb2.GetStateResponse:
     root = engine_pb2.StateNode(
         id=view.pipeline_id,
@@ -71,7 +67,7 @@ def state_tree(view: PipelineView) -> engine_pb2.GetStateResponse:
     runs = {run.node_id: run for run in view.nodes if run.node_id in tree.nodes}
     # Each level's nodes nest under their SubProcess node, in the order they were reached.
     children: dict[str, list[str]] = {}
-    for run in sorted(runs.values(), key=lambda r: (r.started_at, _version_order(r.version))):
+    for run in sorted(runs.values(), key=reach_order):
         children.setdefault(tree.scope_of[run.node_id], []).append(run.node_id)
 
     def build(node_id: str) -> engine_pb2.StateNode:

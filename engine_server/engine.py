@@ -60,6 +60,7 @@ from engine_server.records import (
     history_row,
     node_from_row,
     node_row,
+    reach_order,
     runtime_json,
     snapshot_from_rows,
 )
@@ -416,7 +417,7 @@ class Engine:
             now = self.clock()
             current = [
                 StateChange(run.node_id, known.get(run.node_id, ("", ""))[0], run.state.value, run.version, now)
-                for run in sorted(view.nodes, key=_reach_order)
+                for run in sorted(view.nodes, key=reach_order)
             ]
             present = {run.node_id for run in view.nodes} | {""}
             current += [
@@ -713,11 +714,6 @@ class Engine:
         self._cache.move_to_end(pipeline_id)
         while len(self._cache) > self.settings.cache_size:
             self._cache.popitem(last=False)
-
-
-def _reach_order(run: NodeRun) -> tuple[int, int]:
-    """Nodes in the order they were reached: by start time, then by version (versions are "v<seq>")."""
-    return run.started_at, int(run.version[1:]) if run.version[1:].isdigit() else 0
 
 
 def _is_transient(exc: DBAPIError) -> bool:

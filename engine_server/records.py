@@ -44,6 +44,11 @@ class SpecCache:
                 self._specs.popitem(last=False)
 
 
+def reach_order(run: NodeRun) -> tuple[int, int]:
+    """Nodes in the order they were reached: by start time, then by version (versions are "v<seq>")."""
+    return run.started_at, int(run.version[1:]) if run.version[1:].isdigit() else 0
+
+
 def node_from_row(row: Any) -> NodeRun:
     return NodeRun(
         node_id=row.node_id,

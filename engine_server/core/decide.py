@@ -42,7 +42,7 @@ from engine_server.core.model import (
     Snapshot,
     VarSpec,
 )
-from engine_server.core.states import ACTIVE_NODE_STATES, can_transition
+from engine_server.core.states import ACTIVE_NODE_STATES, can_transition, can_transition_pipeline
 
 # ---------------------------------------------------------------- events
 
@@ -421,6 +421,8 @@ class _Step:
     def set_pipeline_state(self, state: PipelineState) -> None:
         if state is self.state:
             return
+        if not can_transition_pipeline(self.state, state):
+            raise AssertionError(f"pipeline: {self.state.value} -> {state.value} is not a transition")
         self.changes.append(StateChange("", self.state.value, state.value, "", self.now))
         self.state = state
         if state is PipelineState.FAILED:

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 import time
 from collections.abc import Sequence
 
+from engine_server.logs import configure_logging
 from engine_server.server import serve
 from engine_server.settings import parse_args
 from storage.database import create_database_engines
@@ -30,11 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         older_than = args[at + 1]
         del args[at : at + 2]
     settings = parse_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_format, settings.log_level)
     if command == "migrate":
         migrate(settings.database_url)
     elif command == "purge":

@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import secrets
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +54,8 @@ from engine_server.errors import (
     NotFound,
     Unavailable,
 )
+from engine_server.logs import log_expired_leases, log_state_changes, operation_ids
+from engine_server.metrics import EngineMetrics
 from engine_server.records import (
     SpecCache,
     dumps,
@@ -74,6 +76,15 @@ log = logging.getLogger("engine_server.engine")
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def ordered_id() -> str:
+    """32 hex digits like a UUID, but starting with the time: new rows land at the end of the primary key's
+    b-tree instead of on a random page, so a commit writes fewer pages (SQLite and PostgreSQL alike).
+
+    The random part only has to be unique, not secret (tokens carry their own secret), so it comes from
+    `random`, not from a system call per id."""
+    return f"{time.time_ns() // 1_000_000:012x}{random.getrandbits(80):020x}"
 
 
 # ---------------------------------------------------------------- values handed to the RPC layer
@@ -144,6 +155,46 @@ class TaskToken:
         if len(parts) != 3 or not parts[1].isdigit() or not parts[0] or not parts[2]:
             raise InvalidArgument("the task token is malformed: pass the token exactly as PollTasks returned it")
         return cls(parts[0], int(parts[1]), parts[2])
+
+
+class TaskFeed:
+    """The engine side of one TaskStream: tasks are claimed for it while it has credit, without time-outs.
+
+    Credit is what the worker granted minus what it was sent. While the feed waits, a poll with that limit is
+    registered like a long poll, so claims, wake-ups and re-checks work exactly as for PollTasks.
+    """
+
+    def __init__(self, engine: Engine, worker_id: str, codes: frozenset[str]) -> None:
+        self._engine = engine
+        self._worker_id = worker_id
+        self._codes = codes
+        self._credit = 0
+        self._has_credit = asyncio.Event()
+        self._poll: _Poll | None = None
+
+    def add_credit(self, count: int) -> None:
+        self._credit += count
+        if self._credit > 0:
+            self._has_credit.set()
+        if self._poll is not None:
+            self._engine._grow_poll(self._poll, self._credit)
+
+    async def next_tasks(self) -> list[ClaimedTask]:
+        """Waits for credit, then for tasks; the credit is spent on what is returned."""
+        while True:
+            await self._has_credit.wait()
+            self._poll = self._engine._new_poll(self._worker_id, self._codes, self._credit)
+            try:
+                tasks = await self._engine._await_poll(self._poll, None)
+            finally:
+                self._poll = None
+            if tasks:
+                self._credit -= len(tasks)
+                if self._credit <= 0:
+                    self._has_credit.clear()
+                return tasks
+            if self._engine._stopping:
+                raise Unavailable("the engine server is shutting down; connect to another")
 
 
 # ---------------------------------------------------------------- queued operations
@@ -252,6 +303,7 @@ class Engine:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], int] = now_ms,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
@@ -271,12 +323,17 @@ class Engine:
         self._notified_during_batch: set[str] | None = None
         self._next_due_at: int | None = None
         self._next_timer_at: int | None = None
-        self._watchers: dict[str, set[asyncio.Queue[tuple[tuple[StateChange, ...], bool]]]] = {}
+        # pipeline id -> the queues of its Watch streams, each with whether it wants node changes too.
+        self._watchers: dict[str, dict[asyncio.Queue[tuple[tuple[StateChange, ...], bool]], bool]] = {}
         self._next_reap_at = 0
         self._next_recheck_at = 0
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._batches_since_checkpoint = 0
         self._stopping = False
+        self.metrics = metrics or EngineMetrics()
+        self.metrics.count_polls_with(lambda: len(self._polls))
 
     # ------------------------------------------------------------ life cycle
 
@@ -286,6 +343,20 @@ class Engine:
         self._next_due_at, self._next_timer_at = await loop.run_in_executor(self._readers, self._earliest_pending)
         await self.notifier.start(self._woken)
         self._loop_task = asyncio.create_task(self._run(), name="engine-loop")
+        if self.store.is_sqlite:
+            self._checkpoint_task = asyncio.create_task(self._checkpoint_now_and_then(), name="engine-checkpoint")
+
+    async def _checkpoint_now_and_then(self) -> None:
+        """SQLite's WAL is copied into the database file here, once a second after writes, off the commit path."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if self._batches_since_checkpoint:
+                self._batches_since_checkpoint = 0
+                try:
+                    await loop.run_in_executor(self._readers, self.store.checkpoint)
+                except Exception as exc:  # the next round tries again; commits do not depend on it
+                    log.warning("WAL checkpoint failed: %s", exc)
 
     def _earliest_pending(self) -> tuple[int | None, int | None]:
         """When the first delayed task becomes available and the first timer fires (restart recovery)."""
@@ -298,6 +369,10 @@ class Engine:
         self._kick.set()
         if self._loop_task is not None:
             await self._loop_task
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpoint_task
         for op in self._ops:
             if not op.future.done():
                 op.future.set_exception(Unavailable("the engine server is shutting down; retry on another"))
@@ -344,7 +419,7 @@ class Engine:
         failure_handler: str = "",
     ) -> tuple[str, bool]:
         op = _Start(
-            pipeline_id=pipeline_id or uuid.uuid4().hex,
+            pipeline_id=pipeline_id or ordered_id(),
             name=name,
             tree_json=tree_json,
             spec=spec,
@@ -362,11 +437,20 @@ class Engine:
     async def complete_task(
         self, token: str, outputs: Mapping[str, Any], *, poll_after_ms: int = 0, await_callback: bool = False
     ) -> ReportResult:
+        result: ReportResult = await self.enqueue_complete(
+            token, outputs, poll_after_ms=poll_after_ms, await_callback=await_callback
+        )
+        return result
+
+    def enqueue_complete(
+        self, token: str, outputs: Mapping[str, Any], *, poll_after_ms: int = 0, await_callback: bool = False
+    ) -> asyncio.Future[ReportResult]:
+        """Queues a completion; the future resolves once it is committed (or refused)."""
+
         def event(node_id: str, version: str) -> Event:
             return TaskCompleted(node_id, version, outputs, poll_after_ms, await_callback)
 
-        result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=False))
-        return result
+        return self._enqueue(_Report(TaskToken.parse(token), event, is_failure=False))
 
     async def fail_task(
         self,
@@ -377,32 +461,48 @@ class Engine:
         retryable: bool = False,
         retry_after_ms: int = 0,
     ) -> ReportResult:
+        result: ReportResult = await self.enqueue_fail(
+            token, message, outputs, retryable=retryable, retry_after_ms=retry_after_ms
+        )
+        return result
+
+    def enqueue_fail(
+        self,
+        token: str,
+        message: str,
+        outputs: Mapping[str, Any],
+        *,
+        retryable: bool = False,
+        retry_after_ms: int = 0,
+    ) -> asyncio.Future[ReportResult]:
         budget = self.settings.transient_retry_budget
 
         def event(node_id: str, version: str) -> Event:
             return TaskFailed(node_id, version, message, outputs, retryable, retry_after_ms, budget)
 
-        result: ReportResult = await self._submit(_Report(TaskToken.parse(token), event, is_failure=True))
-        return result
+        return self._enqueue(_Report(TaskToken.parse(token), event, is_failure=True))
 
     async def control(self, pipeline_id: str, event: Event) -> bool:
         """Applies an operator's operation; True if it changed something, False if its effect already held."""
         changed: bool = await self._submit(_Control(pipeline_id=pipeline_id, event=event))
         return changed
 
-    async def watch(self, pipeline_id: str) -> AsyncIterator[StateChange]:
+    async def watch(self, pipeline_id: str, *, pipeline_only: bool = False) -> AsyncIterator[StateChange]:
         """The pipeline's current state as changes from nothing, then every change until it ends.
 
         Changes this replica applies arrive at once; the stream also re-reads the pipeline now and then, so
-        changes made through other replicas are seen too.
+        changes made through other replicas are seen too. `pipeline_only` leaves out the nodes: a cheap way to
+        wait for a large pipeline to end.
         """
         queue: asyncio.Queue[tuple[tuple[StateChange, ...], bool]] = asyncio.Queue()
-        self._watchers.setdefault(pipeline_id, set()).add(queue)
+        self._watchers.setdefault(pipeline_id, {})[queue] = not pipeline_only
         known: dict[str, tuple[str, str]] = {}  # node id ("" for the pipeline) -> (state, version)
 
         def seen(changes: Iterable[StateChange]) -> list[StateChange]:
             fresh = []
             for change in changes:
+                if pipeline_only and change.node_id:
+                    continue
                 if known.get(change.node_id) == (change.new_state, change.version):
                     continue
                 fresh.append(change)
@@ -413,6 +513,10 @@ class Engine:
             return fresh
 
         async def reread() -> tuple[list[StateChange], bool]:
+            if pipeline_only:
+                state = await self.get_pipeline_state(pipeline_id)
+                change = StateChange("", known.get("", ("", ""))[0], state.value, "", self.clock())
+                return seen([change]), state in FINAL_PIPELINE_STATES
             view = await self.get_pipeline(pipeline_id)
             now = self.clock()
             current = [
@@ -446,29 +550,44 @@ class Engine:
         finally:
             watchers = self._watchers.get(pipeline_id)
             if watchers is not None:
-                watchers.discard(queue)
+                watchers.pop(queue, None)
                 if not watchers:
                     del self._watchers[pipeline_id]
 
     async def heartbeat(self, token: str, progress_json: str = "") -> HeartbeatResult:
-        result: HeartbeatResult = await self._submit(_Heartbeat(TaskToken.parse(token), progress_json))
+        result: HeartbeatResult = await self.enqueue_heartbeat(token, progress_json)
         return result
+
+    def enqueue_heartbeat(self, token: str, progress_json: str = "") -> asyncio.Future[HeartbeatResult]:
+        return self._enqueue(_Heartbeat(TaskToken.parse(token), progress_json))
 
     async def poll_tasks(self, worker_id: str, codes: Sequence[str], max_tasks: int, wait_ms: int) -> list[ClaimedTask]:
         if self._stopping:
             raise Unavailable("the engine server is shutting down; poll another")
         wait_ms = min(max(wait_ms, 0), self.settings.max_poll_wait_ms)
+        poll = self._new_poll(worker_id, codes, max_tasks, once=wait_ms == 0)
+        return await self._await_poll(poll, None if poll.once else wait_ms / 1000)
+
+    def open_task_feed(self, worker_id: str, codes: Sequence[str]) -> TaskFeed:
+        """Tasks for one TaskStream: a long poll that never times out and takes as many tasks as it has credit."""
+        if self._stopping:
+            raise Unavailable("the engine server is shutting down; connect to another")
+        return TaskFeed(self, worker_id, frozenset(codes))
+
+    def _new_poll(self, worker_id: str, codes: Iterable[str], max_tasks: int, *, once: bool = False) -> _Poll:
         poll = _Poll(
             codes=frozenset(codes),
             max_tasks=min(max(max_tasks, 1), self.settings.max_tasks_per_poll),
             worker_id=worker_id,
             future=asyncio.get_running_loop().create_future(),
-            once=wait_ms == 0,
+            once=once,
         )
         self._polls[id(poll)] = poll
         self._kick.set()
+        return poll
+
+    async def _await_poll(self, poll: _Poll, timeout: float | None) -> list[ClaimedTask]:
         try:
-            timeout = None if poll.once else wait_ms / 1000
             return await asyncio.wait_for(asyncio.shield(poll.future), timeout)
         except TimeoutError:
             return poll.future.result() if poll.future.done() and not poll.future.cancelled() else []
@@ -483,13 +602,28 @@ class Engine:
             if not poll.future.done():
                 poll.future.cancel()
 
+    def release(self, tasks: Iterable[ClaimedTask]) -> None:
+        """Claimed tasks that never reached their worker: offer them again now, not after their lease."""
+        self._releases.extend(tasks)
+        self._kick.set()
+
+    def _grow_poll(self, poll: _Poll, max_tasks: int) -> None:
+        """A waiting poll may take more tasks (a stream got credit): re-try it against the database."""
+        if not poll.future.done():
+            poll.max_tasks = min(max(max_tasks, 1), self.settings.max_tasks_per_poll)
+            poll.fresh = True
+            self._kick.set()
+
     async def _submit(self, op: _Op) -> Any:
+        return await self._enqueue(op)
+
+    def _enqueue(self, op: _Op) -> asyncio.Future[Any]:
         if self._stopping:
             raise Unavailable("the engine server is shutting down; retry on another")
         op.future = asyncio.get_running_loop().create_future()
         self._ops.append(op)
         self._kick.set()
-        return await op.future
+        return op.future
 
     # ------------------------------------------------------------ reads
 
@@ -498,7 +632,12 @@ class Engine:
             with self.store.reader.connect() as conn:
                 return function(conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+        except RuntimeError:
+            if self._stopping:  # the reader threads are gone: a Watch or query outlived the engine
+                raise Unavailable("the engine server is shutting down; ask another") from None
+            raise
 
     async def get_pipeline(self, pipeline_id: str) -> PipelineView:
         def load(conn: Connection) -> PipelineView:
@@ -523,6 +662,16 @@ class Engine:
 
         view: PipelineView = await self.read(load)
         return view
+
+    async def get_pipeline_state(self, pipeline_id: str) -> PipelineState:
+        def load(conn: Connection) -> PipelineState:
+            row = self.store.load_pipeline(conn, pipeline_id)
+            if row is None:
+                raise NotFound(f"pipeline {pipeline_id!r} does not exist")
+            return PipelineState(row.state)
+
+        state: PipelineState = await self.read(load)
+        return state
 
     async def purge(self, finished_before: int, batch_size: int = 500) -> int:
         """Retention: deletes ended pipelines batch by batch on the database thread, so engine batches run in
@@ -614,7 +763,7 @@ class Engine:
                 continue
             finally:
                 notified, self._notified_during_batch = self._notified_during_batch or set(), None
-            self._deliver(ops, polls, result, notified)
+            self._deliver(ops, polls, requests, result, notified)
 
     def _seconds_until_due(self) -> float:
         now = self.clock()
@@ -625,7 +774,15 @@ class Engine:
             due = min(due, self._next_timer_at)
         return max(0.0, (due - now) / 1000)
 
-    def _deliver(self, ops: list[_Op], polls: list[_Poll], result: _BatchResult, notified: set[str]) -> None:
+    def _deliver(
+        self,
+        ops: list[_Op],
+        polls: list[_Poll],
+        requests: list[_ClaimRequest],
+        result: _BatchResult,
+        notified: set[str],
+    ) -> None:
+        self._batches_since_checkpoint += 1
         for op, outcome in zip(ops, result.outcomes, strict=True):
             if op.future.done():
                 continue
@@ -636,9 +793,10 @@ class Engine:
         if result.enqueued_codes or result.requeued_codes:
             self.notifier.publish(result.enqueued_codes | result.requeued_codes)
         maybe = self._maybe_codes | result.enqueued_codes | result.requeued_codes
-        for poll, claimed in zip(polls, result.claims, strict=True):
-            poll.fresh = False
-            if len(claimed) < poll.max_tasks:
+        for poll, request, claimed in zip(polls, requests, result.claims, strict=True):
+            if poll.max_tasks == request.limit:
+                poll.fresh = False
+            if len(claimed) < request.limit:
                 maybe -= poll.codes
             if claimed:
                 if poll.future.done():
@@ -655,8 +813,13 @@ class Engine:
         elif result.next_timer_at is not None:
             self._next_timer_at = min(result.next_timer_at, self._next_timer_at or result.next_timer_at)
         for pipeline_id, changes, final in result.changes:
-            for queue in self._watchers.get(pipeline_id, ()):
-                queue.put_nowait((changes, final))
+            watchers = self._watchers.get(pipeline_id)
+            if not watchers:
+                continue
+            own_state_changed = any(not change.node_id for change in changes)
+            for queue, wants_nodes in watchers.items():
+                if wants_nodes or own_state_changed:
+                    queue.put_nowait((changes, final))
         if (
             self._ops
             or self._releases
@@ -766,6 +929,7 @@ class _Batch:
         releases: list[ClaimedTask],
     ) -> _BatchResult:
         outcomes: list[Any] = []
+        started = time.perf_counter()
         with conn.begin():
             task_rows = self.store.load_tasks(
                 conn, [op.token.task_id for op in ops if isinstance(op, _Report | _Heartbeat)]
@@ -798,21 +962,27 @@ class _Batch:
                     outcomes.append(exc)
                 except Exception:
                     # decide() is pure, so a bug in it leaves nothing half-applied: fail this op only.
-                    log.exception("operation %r failed", op)
+                    log.exception("operation %r failed", op, extra=operation_ids(op, task_rows))
                     outcomes.append(Internal("the engine failed to apply this operation; see the server log"))
             for timer in fired:
                 self._fire(timer)
             self.writes.task_releases = [{"b_id": t.task_id, "b_claim_no": t.attempt} for t in releases]
             self.enqueued_codes.update(t.component_code for t in releases)  # offered again: wake the polls
             self._flush(conn)
-            requeued = set(self.store.requeue_expired_leases(conn, self.now)) if self.cycle.reap else set()
+            expired = self.store.requeue_expired_leases(conn, self.now) if self.cycle.reap else []
+            requeued = {row.component_code for row in expired}
             claims = [self._claim(conn, request) for request in requests]
             timers_checked = self.cycle.fire_timers
             next_timer_at = self.store.next_timer_at(conn) if timers_checked else self.next_timer_at
+            writes_done = time.perf_counter()  # keep last in the transaction: the rest is the COMMIT
+        self.engine.metrics.batch_committed(
+            started, writes_done, len(ops), self.writes, task_rows, claims, expired, self.engine.clock()
+        )
+        log_state_changes(log, self.changes, lambda pipeline_id: self.working[pipeline_id].snapshot)
         for pipeline_id in self.dirty:
             self.engine._cache_put(pipeline_id, self.working[pipeline_id])
-        if requeued:
-            log.info("leases expired; tasks offered again for %s", ", ".join(sorted(requeued)))
+        if expired:
+            log_expired_leases(log, expired)
         return _BatchResult(
             outcomes,
             claims,
@@ -899,7 +1069,8 @@ class _Batch:
         try:
             self._control(timer.pipeline_id, TimerFired(timer.kind, timer.node_id, timer.node_version))
         except EngineError as exc:
-            log.warning("timer %s of pipeline %s: %s", timer.kind, timer.pipeline_id, exc)
+            ids = {"pipeline_id": timer.pipeline_id, "node_id": timer.node_id}
+            log.warning("timer %s of pipeline %s: %s", timer.kind, timer.pipeline_id, exc, extra=ids)
 
     def _check_token(self, token: TaskToken, row: Any) -> tuple[int, int, int]:
         """Returns the task's (status, completed_claim, result_kind) if the token is the task's current claim."""
@@ -995,7 +1166,7 @@ class _Batch:
     def _start_timer(self, pipeline_id: str, command: StartTimer) -> None:
         self.writes.timer_inserts.append(
             {
-                "id": uuid.uuid4().hex,
+                "id": ordered_id(),
                 "pipeline_id": pipeline_id,
                 "node_id": command.node_id,
                 "node_version": command.version,
@@ -1007,7 +1178,7 @@ class _Batch:
         self.next_timer_at = min(command.fire_at, self.next_timer_at or command.fire_at)
 
     def _offer(self, pipeline_id: str, command: OfferTask) -> str:
-        task_id = uuid.uuid4().hex
+        task_id = ordered_id()
         inputs_json = dumps(command.inputs)
         self.task_inserts[task_id] = {
             "id": task_id,

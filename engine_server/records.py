@@ -25,13 +25,18 @@ class SpecCache:
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def get(self, tree_json: str, *, cycle_tolerate: bool) -> PipelineSpec:
+    def find(self, tree_json: str, *, cycle_tolerate: bool) -> PipelineSpec | None:
         key = (hashlib.blake2b(tree_json.encode(), digest_size=16).hexdigest(), cycle_tolerate)
         with self._lock:
             spec = self._specs.get(key)
             if spec is not None:
                 self._specs.move_to_end(key)
-                return spec
+            return spec
+
+    def get(self, tree_json: str, *, cycle_tolerate: bool) -> PipelineSpec:
+        spec = self.find(tree_json, cycle_tolerate=cycle_tolerate)
+        if spec is not None:
+            return spec
         spec = parse_tree(json.loads(tree_json), cycle_tolerate=cycle_tolerate)
         self.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
         return spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from engine_server.core.decide import (
 )
 from engine_server.core.model import PipelineState
 from engine_server.core.tree import Problem, TreeError, check_variables, load_tree_json, parse_tree
-from engine_server.engine import Engine
+from engine_server.engine import ClaimedTask, Engine, HeartbeatResult, ReportResult, TaskFeed
 from engine_server.errors import (
     AlreadyExists,
     EngineError,
@@ -40,6 +41,7 @@ from engine_server.errors import (
     Unavailable,
     Unimplemented,
 )
+from engine_server.logs import request_ids
 from engine_server.records import parse_json_object
 from engine_server.settings import Settings
 
@@ -70,7 +72,7 @@ def maps_errors(method: Handler[Request, Response]) -> Handler[Request, Response
             code = STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL)
             await context.abort(code, str(exc))
         except Exception:
-            log.exception("%s failed", method.__name__)
+            log.exception("%s failed", method.__name__, extra=request_ids(request))
             await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed inside the engine; see its log")
         raise AssertionError("context.abort returns by raising")
 
@@ -129,7 +131,9 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
                 f"the tree is {len(tree_json)} bytes, over the limit of {self.settings.max_tree_bytes} bytes "
                 "(--max-tree-bytes)"
             )
-        return parse_tree(load_tree_json(tree_json), cycle_tolerate=cycle_tolerate)
+        # Pipelines started from one tree share its parsed, validated spec.
+        cached = self.engine.specs.find(tree_json, cycle_tolerate=cycle_tolerate)
+        return cached or parse_tree(load_tree_json(tree_json), cycle_tolerate=cycle_tolerate)
 
     @maps_errors
     async def StartPipeline(
@@ -339,7 +343,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
         if not request.pipeline_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "pipeline_id is required")
         try:
-            async for change in self.engine.watch(request.pipeline_id):
+            async for change in self.engine.watch(request.pipeline_id, pipeline_only=request.pipeline_only):
                 yield engine_pb2.StateChange(
                     pipeline_id=request.pipeline_id,
                     node_id=change.node_id,
@@ -371,44 +375,210 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     async def Heartbeat(
         self, request: worker_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.HeartbeatResponse:
-        self.limits.payload(request.progress_json, "progress_json")
-        if request.progress_json:
-            self.limits.json_value(request.progress_json, "progress_json")
-        result = await self.engine.heartbeat(_required(request.token, "token"), request.progress_json)
-        return worker_pb2.HeartbeatResponse(
-            lease_deadline_unix_ms=result.lease_deadline,
-            cancel_requested=result.cancel_requested,
-            cancel_reason=result.cancel_reason,
-        )
+        return _heartbeat_response(await self._enqueue_heartbeat(request))
 
     @maps_errors
     async def CompleteTask(
         self, request: worker_pb2.CompleteTaskRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.CompleteTaskResponse:
-        outputs = self.limits.json_object(request.outputs_json, "outputs_json")
-        if request.poll_after_ms < 0:
-            raise InvalidArgument("poll_after_ms must not be negative")
-        if request.poll_after_ms and request.await_callback:
-            raise InvalidArgument("poll_after_ms and await_callback exclude each other")
-        result = await self.engine.complete_task(
-            _required(request.token, "token"),
-            outputs,
-            poll_after_ms=request.poll_after_ms,
-            await_callback=request.await_callback,
-        )
-        return worker_pb2.CompleteTaskResponse(duplicate=result.duplicate)
+        return _complete_response(await self._enqueue_complete(request))
 
     @maps_errors
     async def FailTask(
         self, request: worker_pb2.FailTaskRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.FailTaskResponse:
+        return _fail_response(await self._enqueue_fail(request))
+
+    async def TaskStream(
+        self, requests: AsyncIterator[worker_pb2.TaskStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.TaskStreamResponse]:
+        """Tasks out and reports in on one stream. Each report is checked and applied as its unary call would be;
+        whatever is ready when the stream can write goes out in one message."""
+        try:
+            first = await anext(aiter(requests))
+        except StopAsyncIteration:
+            return
+        codes = [code for code in first.hello.component_codes if code]
+        if not codes:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first TaskStream message must carry a hello naming the component codes this worker serves",
+            )
+        try:
+            feed = self.engine.open_task_feed(first.hello.worker_id, codes)
+        except EngineError as exc:
+            await context.abort(STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
+        outbox = _Outbox()
+        self._take(first, feed, outbox)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    self._take(request, feed, outbox)
+            except Exception as exc:  # the stream broke under us
+                outbox.fail(exc)
+                return
+            outbox.worker_done = True
+            outbox.wake()
+
+        async def pump() -> None:
+            try:
+                while True:
+                    claimed = await feed.next_tasks()  # (not `outbox.tasks.extend(await ...)`: the list is swapped)
+                    outbox.tasks.extend(claimed)
+                    outbox.wake()
+            except Exception as exc:
+                outbox.fail(exc)
+
+        reader = asyncio.create_task(read())
+        pumper = asyncio.create_task(pump())
+        try:
+            while True:
+                await outbox.ready.wait()
+                outbox.ready.clear()
+                if outbox.error is not None:
+                    if isinstance(outbox.error, EngineError):
+                        code = STATUS_CODES.get(type(outbox.error), grpc.StatusCode.INTERNAL)
+                        await context.abort(code, str(outbox.error))
+                    raise outbox.error
+                if outbox.worker_done:
+                    # The worker closed its side: no new tasks, answer what it already sent, then end.
+                    pumper.cancel()
+                if outbox.tasks or outbox.replies:
+                    tasks, outbox.tasks = outbox.tasks, []
+                    replies, outbox.replies = outbox.replies, []
+                    if outbox.worker_done:
+                        self.engine.release(tasks)
+                        tasks = []
+                    yield worker_pb2.TaskStreamResponse(
+                        tasks=[converters.task_message(task) for task in tasks], replies=replies
+                    )
+                if outbox.worker_done and outbox.unanswered == 0:
+                    return
+        finally:
+            reader.cancel()
+            pumper.cancel()
+            # Tasks claimed for this stream but never written go back at once instead of waiting for their lease.
+            if outbox.tasks:
+                self.engine.release(outbox.tasks)
+
+    def _take(self, request: worker_pb2.TaskStreamRequest, feed: TaskFeed, outbox: _Outbox) -> None:
+        if request.credit > 0:
+            feed.add_credit(request.credit)
+        for report in request.reports:
+            reply = worker_pb2.StreamReply(request_id=report.request_id)
+            kind = report.WhichOneof("report")
+            try:
+                if kind == "complete":
+                    future: asyncio.Future[Any] = self._enqueue_complete(report.complete)
+                elif kind == "fail":
+                    future = self._enqueue_fail(report.fail)
+                elif kind == "heartbeat":
+                    future = self._enqueue_heartbeat(report.heartbeat)
+                else:
+                    raise InvalidArgument("a TaskStream report must be one of complete, fail or heartbeat")
+            except EngineError as exc:
+                outbox.answer(_stream_error(reply, exc))
+                continue
+            outbox.unanswered += 1
+            future.add_done_callback(functools.partial(_answer_report, outbox, reply, kind))
+
+    def _enqueue_heartbeat(self, request: worker_pb2.HeartbeatRequest) -> asyncio.Future[HeartbeatResult]:
+        self.limits.payload(request.progress_json, "progress_json")
+        if request.progress_json:
+            self.limits.json_value(request.progress_json, "progress_json")
+        return self.engine.enqueue_heartbeat(_required(request.token, "token"), request.progress_json)
+
+    def _enqueue_complete(self, request: worker_pb2.CompleteTaskRequest) -> asyncio.Future[ReportResult]:
+        outputs = self.limits.json_object(request.outputs_json, "outputs_json")
+        if request.poll_after_ms < 0:
+            raise InvalidArgument("poll_after_ms must not be negative")
+        if request.poll_after_ms and request.await_callback:
+            raise InvalidArgument("poll_after_ms and await_callback exclude each other")
+        return self.engine.enqueue_complete(
+            _required(request.token, "token"),
+            outputs,
+            poll_after_ms=request.poll_after_ms,
+            await_callback=request.await_callback,
+        )
+
+    def _enqueue_fail(self, request: worker_pb2.FailTaskRequest) -> asyncio.Future[ReportResult]:
         self.limits.payload(request.error_message, "error_message")
         outputs = self.limits.json_object(request.outputs_json, "outputs_json")
-        result = await self.engine.fail_task(
+        return self.engine.enqueue_fail(
             _required(request.token, "token"),
             request.error_message,
             outputs,
             retryable=request.retryable,
             retry_after_ms=max(0, request.retry_after_ms),
         )
-        return worker_pb2.FailTaskResponse(duplicate=result.duplicate, will_retry=result.will_retry)
+
+
+class _Outbox:
+    """What one TaskStream has to write next; the writer sends everything ready in one message."""
+
+    def __init__(self) -> None:
+        self.tasks: list[ClaimedTask] = []
+        self.replies: list[worker_pb2.StreamReply] = []
+        self.unanswered = 0
+        self.worker_done = False
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def wake(self) -> None:
+        self.ready.set()
+
+    def answer(self, reply: worker_pb2.StreamReply) -> None:
+        self.replies.append(reply)
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+
+def _answer_report(outbox: _Outbox, reply: worker_pb2.StreamReply, kind: str, future: asyncio.Future[Any]) -> None:
+    outbox.unanswered -= 1
+    if future.cancelled():
+        outbox.answer(_stream_error(reply, Unavailable("the engine server is shutting down; send it again")))
+        return
+    error = future.exception()
+    if error is not None:
+        if not isinstance(error, EngineError):
+            log.error("a TaskStream report failed", exc_info=error)
+        outbox.answer(_stream_error(reply, error))
+    elif kind == "complete":
+        reply.complete.CopyFrom(_complete_response(future.result()))
+        outbox.answer(reply)
+    elif kind == "fail":
+        reply.fail.CopyFrom(_fail_response(future.result()))
+        outbox.answer(reply)
+    else:
+        reply.heartbeat.CopyFrom(_heartbeat_response(future.result()))
+        outbox.answer(reply)
+
+
+def _stream_error(reply: worker_pb2.StreamReply, error: BaseException) -> worker_pb2.StreamReply:
+    if isinstance(error, EngineError):
+        code, message = STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+    else:
+        code, message = grpc.StatusCode.INTERNAL, "the report failed inside the engine; see its log"
+    reply.error.code = code.value[0]
+    reply.error.message = message
+    return reply
+
+
+def _heartbeat_response(result: HeartbeatResult) -> worker_pb2.HeartbeatResponse:
+    return worker_pb2.HeartbeatResponse(
+        lease_deadline_unix_ms=result.lease_deadline,
+        cancel_requested=result.cancel_requested,
+        cancel_reason=result.cancel_reason,
+    )
+
+
+def _complete_response(result: ReportResult) -> worker_pb2.CompleteTaskResponse:
+    return worker_pb2.CompleteTaskResponse(duplicate=result.duplicate)
+
+
+def _fail_response(result: ReportResult) -> worker_pb2.FailTaskResponse:
+    return worker_pb2.FailTaskResponse(duplicate=result.duplicate, will_retry=result.will_retry)

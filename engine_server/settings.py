@@ -41,6 +41,11 @@ class Settings:
     # Pipelines kept in memory between events.
     cache_size: int = 20_000
     log_level: str = "INFO"
+    # text: the classic line plus key=value ids; json: one object per line for log shippers.
+    log_format: str = "text"
+    # Prometheus /metrics over HTTP on this port; 0 serves none. Loopback by default, like `listen`.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
 
 _HELP = {
@@ -60,6 +65,15 @@ _HELP = {
     "rerun_limit": "times a loop may enter one node before the node fails",
     "cache_size": "pipelines cached in memory",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text or json (one JSON object per line)",
+    "metrics_port": "serve Prometheus metrics at http://HOST:PORT/metrics; 0: off",
+    "metrics_host": "address the metrics port listens on",
+}
+
+# Fields that take one of a few words (checked for flags and ENGINE_* variables alike).
+_CHOICES = {
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "log_format": ("text", "json"),
 }
 
 
@@ -101,4 +115,10 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
             help=f"{_HELP[f.name]} (env {env_name(f.name)}, default {default!r})",
         )
     namespace = parser.parse_args(argv)
-    return replace(base, **vars(namespace))
+    settings = replace(base, **vars(namespace))
+    for name, choices in _CHOICES.items():
+        value = getattr(settings, name)
+        if value.upper() not in {choice.upper() for choice in choices}:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} (or {env_name(name)}) must be one of {', '.join(choices)}, not {value!r}")
+    return settings

@@ -64,6 +64,9 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engin
         cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if writer:
+            # Checkpoints run on a background connection (Store.checkpoint), not inside the writer's commits.
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -96,6 +96,19 @@ class Store:
         """Creates the schema in an empty database; raises SchemaMismatch when it is at another revision."""
         return prepare(self.writer)
 
+    def checkpoint(self) -> None:
+        """SQLite: copies committed WAL pages into the database file without waiting for the writer or readers.
+
+        Done here, on a reader connection, so the writer's commits never pay for it.
+        """
+        if not self.is_sqlite:
+            return
+        raw = self.reader.raw_connection()
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
     def dispose(self) -> None:
         self.writer.dispose()
         if self.reader is not self.writer:
@@ -157,7 +170,7 @@ class Store:
             update(tasks)
             .where(tasks.c.status == CLAIMED, tasks.c.lease_deadline < bindparam("now"))
             .values(status=QUEUED, available_at=bindparam("now"), worker_id="")
-            .returning(tasks.c.component_code)
+            .returning(tasks.c.id, tasks.c.pipeline_id, tasks.c.node_id, tasks.c.component_code)
         )
         self._update_pipeline = (
             update(pipelines)
@@ -273,6 +286,11 @@ class Store:
             )
         return conn.execute(query.order_by(pipelines.c.created_at, pipelines.c.id).limit(limit)).all()
 
+    def count_pipelines_by_state(self, conn: Connection) -> dict[str, int]:
+        """For the pipelines-by-state gauge (read at scrape time, on a reader connection)."""
+        query = select(pipelines.c.state, func.count()).group_by(pipelines.c.state)
+        return {state: count for state, count in conn.execute(query)}
+
     def load_histories(self, conn: Connection, pipeline_id: str, node_id: str) -> Sequence[Row[Any]]:
         return conn.execute(
             select(node_histories)
@@ -315,9 +333,10 @@ class Store:
         rows.sort(key=lambda row: row.available_at)
         return rows
 
-    def requeue_expired_leases(self, conn: Connection, now: int) -> list[str]:
-        """Offers again every claimed task whose lease ran out; returns their component codes."""
-        return [row.component_code for row in conn.execute(self._requeue, {"now": now})]
+    def requeue_expired_leases(self, conn: Connection, now: int) -> list[Row[Any]]:
+        """Offers again every claimed task whose lease ran out; returns (id, pipeline_id, node_id, component_code)
+        of each."""
+        return list(conn.execute(self._requeue, {"now": now}))
 
     def fire_due_timers(self, conn: Connection, now: int, limit: int = 500) -> list[Row[Any]]:
         """Marks due timers fired and returns them; the caller applies them in the same transaction."""

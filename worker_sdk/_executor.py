@@ -92,6 +92,7 @@ class _Running:
     ctx: TaskContext
     component: Component | None
     cancel_coroutine: Callable[[], None] | None = None
+    ran: bool = False  # the component has returned (or never ran); its result may still be reporting
 
 
 class TaskExecutor:
@@ -107,6 +108,7 @@ class TaskExecutor:
         rpc_timeout: float,
         report_timeout: float,
         on_finished: Callable[[], None],
+        on_ran: Callable[[], None] | None = None,
     ) -> None:
         self._components = components
         self._transport = transport
@@ -117,6 +119,7 @@ class TaskExecutor:
         self._rpc_timeout = rpc_timeout
         self._report_timeout = report_timeout
         self._on_finished = on_finished
+        self._on_ran = on_ran
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         # Set when the shutdown grace is over: reports stop retrying and results are dropped.
@@ -125,7 +128,8 @@ class TaskExecutor:
     # --- dispatch ----------------------------------------------------------------------------------
 
     def submit(self, task: Task) -> None:
-        """Starts running a claimed task; `on_finished` is called once it is reported or dropped."""
+        """Starts running a claimed task; `on_ran` is called once its component has returned, and
+        `on_finished` once its result is reported or dropped."""
         component = self._components.get((task.component_code, task.component_version))
         running = _Running(task=task, ctx=self._context_for(task), component=component)
         with self._lock:
@@ -205,6 +209,7 @@ class TaskExecutor:
                     outcome = invoke(running.component, running.ctx)
                 finally:
                     self._heartbeats.untrack(running.task.token)
+            self._ran(running)
             if outcome is not None:
                 self._report(running, outcome)
         except Exception:
@@ -228,6 +233,7 @@ class TaskExecutor:
                 outcome = await invoke_async(component, running.ctx)
             finally:
                 self._heartbeats.untrack(running.task.token)
+            self._ran(running)
             await loop.run_in_executor(self._pool, self._report, running, outcome)
         except asyncio.CancelledError:
             if not running.ctx.cancelled.is_set():
@@ -238,7 +244,15 @@ class TaskExecutor:
         finally:
             self._finish(running)
 
+    def _ran(self, running: _Running) -> None:
+        with self._lock:
+            first = not running.ran
+            running.ran = True
+        if first and self._on_ran is not None:
+            self._on_ran()
+
     def _finish(self, running: _Running) -> None:
+        self._ran(running)
         with self._lock:
             known = self._running.pop(running.task.token, None) is not None
         if known:

@@ -122,6 +122,8 @@ def open_channel(
     Caller options win over these defaults.
     """
     defaults: dict[str, Any] = {
+        # A poll or stream message may carry several tasks, each with inputs up to the server's payload limit.
+        "grpc.max_receive_message_length": -1,
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": max(100, int(max_reconnect_backoff * 1000)),
     }
@@ -216,6 +218,14 @@ class WorkerTransport(_Caller):
         super().__init__(metadata)
         self._stub = worker_pb2_grpc.WorkerServiceStub(channel)
 
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerServiceStub:
+        return self._stub
+
+    @property
+    def metadata(self) -> Metadata:
+        return self._metadata
+
     def poll(
         self, *, worker_id: str, component_codes: Sequence[str], max_tasks: int, wait_ms: int, timeout: float
     ) -> PollCall:
@@ -226,7 +236,7 @@ class WorkerTransport(_Caller):
 
     def heartbeat(self, token: str, *, progress_json: str = "", timeout: float) -> HeartbeatReply:
         request = worker_pb2.HeartbeatRequest(token=token, progress_json=progress_json)
-        response: worker_pb2.HeartbeatResponse = self._unary(self._stub.Heartbeat, request, timeout)
+        response = self._send_heartbeat(request, timeout)
         return HeartbeatReply(
             lease_deadline=_seconds(response.lease_deadline_unix_ms),
             cancel_requested=response.cancel_requested,
@@ -252,8 +262,7 @@ class WorkerTransport(_Caller):
             poll_after_ms=poll_after_ms,
             await_callback=await_callback,
         )
-        response: worker_pb2.CompleteTaskResponse = self._unary(self._stub.CompleteTask, request, timeout)
-        return response.duplicate
+        return self._send_complete(request, timeout).duplicate
 
     def fail_task(
         self,
@@ -272,8 +281,24 @@ class WorkerTransport(_Caller):
             retry_after_ms=retry_after_ms,
             outputs_json=encode_json(dict(outputs)) if outputs else "",
         )
-        response: worker_pb2.FailTaskResponse = self._unary(self._stub.FailTask, request, timeout)
+        response = self._send_fail(request, timeout)
         return FailReply(duplicate=response.duplicate, will_retry=response.will_retry)
+
+    # The three reports go out here; a streaming transport overrides these to use its stream.
+
+    def _send_heartbeat(self, request: worker_pb2.HeartbeatRequest, timeout: float) -> worker_pb2.HeartbeatResponse:
+        response: worker_pb2.HeartbeatResponse = self._unary(self._stub.Heartbeat, request, timeout)
+        return response
+
+    def _send_complete(
+        self, request: worker_pb2.CompleteTaskRequest, timeout: float
+    ) -> worker_pb2.CompleteTaskResponse:
+        response: worker_pb2.CompleteTaskResponse = self._unary(self._stub.CompleteTask, request, timeout)
+        return response
+
+    def _send_fail(self, request: worker_pb2.FailTaskRequest, timeout: float) -> worker_pb2.FailTaskResponse:
+        response: worker_pb2.FailTaskResponse = self._unary(self._stub.FailTask, request, timeout)
+        return response
 
 
 # --- client side -----------------------------------------------------------------------------------
@@ -477,9 +502,13 @@ class EngineTransport(_Caller):
         response: engine_pb2.PurgePipelinesResponse = self._unary(self._stub.PurgePipelines, request, timeout)
         return int(response.purged)
 
-    def watch(self, pipeline_id: str, timeout: float | None) -> Iterator[dict[str, Any]]:
+    def watch(
+        self, pipeline_id: str, timeout: float | None, *, pipeline_only: bool = False
+    ) -> Iterator[dict[str, Any]]:
         call = self._stub.Watch(
-            engine_pb2.WatchRequest(pipeline_id=pipeline_id), timeout=timeout, metadata=self._metadata
+            engine_pb2.WatchRequest(pipeline_id=pipeline_id, pipeline_only=pipeline_only),
+            timeout=timeout,
+            metadata=self._metadata,
         )
         try:
             for change in call:

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from worker_sdk._transport import ChannelOptions, EngineTransport, Metadata, encode_json, open_channel
-from worker_sdk.errors import EngineError, is_transient
+from worker_sdk.errors import DeadlineExceeded, EngineError, is_transient
 
 __all__ = ["FINAL_STATES", "EngineClient", "WaitTimeout"]
 
@@ -154,10 +154,11 @@ class EngineClient:
         poll_interval: float = 0.05,
         states: Iterable[str] = FINAL_STATES,
     ) -> dict[str, Any]:
-        """Polls the state until the pipeline is in one of `states`; returns that state tree.
+        """Waits until the pipeline is in one of `states`; returns that state tree.
 
-        Transient errors are retried until `timeout`; then `WaitTimeout` (a TimeoutError) is raised
-        carrying the last state seen.
+        Follows the pipeline's own state on a Watch stream (no polling of the whole tree); after a
+        broken stream it looks again every `poll_interval`. Transient errors are retried until
+        `timeout`; then `WaitTimeout` (a TimeoutError) is raised carrying the last state seen.
         """
         wanted = {state.upper() for state in states}
         deadline = time.monotonic() + timeout
@@ -165,12 +166,14 @@ class EngineClient:
         while True:
             try:
                 last_state = self.get_state(pipeline_id)
+                if last_state["state"] in wanted:
+                    return last_state
+                remaining = deadline - time.monotonic()
+                if remaining > 0 and self._watch_for(pipeline_id, wanted, remaining):
+                    continue  # reached: read the tree once more
             except EngineError as error:
                 if not is_transient(error):
                     raise
-            else:
-                if last_state["state"] in wanted:
-                    return last_state
             if time.monotonic() + poll_interval > deadline:
                 seen = last_state["state"] if last_state is not None else "unknown"
                 raise WaitTimeout(
@@ -179,6 +182,16 @@ class EngineClient:
                     last_state,
                 )
             time.sleep(poll_interval)
+
+    def _watch_for(self, pipeline_id: str, wanted: set[str], timeout: float) -> bool:
+        """True once the pipeline's state is one of `wanted`; False when the stream ended without it."""
+        try:
+            for change in self._engine.watch(pipeline_id, timeout, pipeline_only=True):
+                if change["node_id"] is None and change["new_state"] in wanted:
+                    return True
+        except DeadlineExceeded:
+            pass
+        return False
 
     def purge_pipelines(self, older_than_seconds: float) -> int:
         """Retention: deletes FINISHED and REVOKED pipelines that ended more than this long ago; returns how many."""

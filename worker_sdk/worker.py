@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
+from typing import Literal
 
 import grpc
 
@@ -26,11 +27,12 @@ from worker_sdk._backoff import Backoff
 from worker_sdk._executor import EventLoopThread, TaskExecutor
 from worker_sdk._heartbeat import HeartbeatManager
 from worker_sdk._models import Task
+from worker_sdk._stream import StreamingTransport, StreamSession
 from worker_sdk._threads import DaemonThreadPool
 from worker_sdk._transport import ChannelOptions, Metadata, PollCall, WorkerTransport, open_channel
 from worker_sdk.component import Component
 from worker_sdk.context import TaskKind
-from worker_sdk.errors import EngineError, is_transient
+from worker_sdk.errors import EngineError, Unimplemented, is_transient
 
 __all__ = ["Worker"]
 
@@ -87,6 +89,9 @@ class Worker:
         metadata: sent with every call, e.g. ``[("authorization", "Bearer <token>")]``.
         credentials: TLS channel credentials; plaintext when None.
         channel_options: extra gRPC channel options (they win over the SDK's defaults).
+        transport: ``"stream"`` (default) receives tasks and sends results on one `TaskStream`
+            call, the fast way; ``"poll"`` uses the long-poll and unary calls only. A server without
+            TaskStream makes a streaming worker fall back to polling.
     """
 
     def __init__(
@@ -105,7 +110,10 @@ class Worker:
         metadata: Metadata = (),
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: ChannelOptions = (),
+        transport: Literal["stream", "poll"] = "stream",
     ) -> None:
+        if transport not in ("stream", "poll"):
+            raise ValueError(f"transport must be 'stream' or 'poll', got {transport!r}")
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
         if poll_wait_ms < 0:
@@ -128,6 +136,7 @@ class Worker:
         self._metadata = tuple(metadata)
         self._credentials = credentials
         self._channel_options = tuple(channel_options)
+        self._use_stream = transport == "stream"
 
         # A reentrant lock: `stop()` may run inside a signal handler that interrupted this very
         # thread while it held the lock.
@@ -137,7 +146,10 @@ class Worker:
         self._forced = False
         self._stop_signal: int | None = None
         self._in_flight = 0
+        # Tasks whose component has not returned yet (a part of `_in_flight`); the stream's credit is what's left.
+        self._running_components = 0
         self._poll_call: PollCall | None = None
+        self._session: StreamSession | None = None
         self._thread: threading.Thread | None = None
         self._finished = threading.Event()
 
@@ -157,9 +169,16 @@ class Worker:
             options=self._channel_options,
             max_reconnect_backoff=self._max_reconnect_backoff,
         )
-        transport = WorkerTransport(channel, self._metadata)
+        transport = (
+            StreamingTransport(channel, self._metadata)
+            if self._use_stream
+            else WorkerTransport(channel, self._metadata)
+        )
         heartbeats = HeartbeatManager(transport, fixed_interval=self._heartbeat_interval, rpc_timeout=self._rpc_timeout)
-        pool = DaemonThreadPool(self._concurrency, thread_name_prefix="worker_sdk-task")
+        # On a stream a slot frees when the component returns, while its thread still waits for the report's
+        # reply: room for `concurrency` of each.
+        threads = self._concurrency * 2 if self._use_stream else self._concurrency
+        pool = DaemonThreadPool(threads, thread_name_prefix="worker_sdk-task")
         needs_loop = any(c.is_async(kind) for c in self._components.values() for kind in TaskKind)
         event_loop = EventLoopThread() if needs_loop else None
         executor = TaskExecutor(
@@ -172,6 +191,7 @@ class Worker:
             rpc_timeout=self._rpc_timeout,
             report_timeout=self._report_timeout,
             on_finished=self._release_slot,
+            on_ran=self._component_returned,
         )
         try:
             heartbeats.start()
@@ -184,7 +204,9 @@ class Worker:
                 self.target,
                 self._concurrency,
             )
-            self._poll_until_stopped(transport, executor)
+            streamed = isinstance(transport, StreamingTransport) and self._stream_until_stopped(transport, executor)
+            if not streamed:
+                self._poll_until_stopped(transport, executor)
             self._drain(executor)
         finally:
             heartbeats.stop()
@@ -210,9 +232,12 @@ class Worker:
         with self._state:
             self._stopping = True
             call = self._poll_call
+            session = self._session
             self._state.notify_all()
         if call is not None:
             call.cancel()
+        if session is not None:
+            session.close()
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits until the worker has stopped; False if `timeout` ran out first."""
@@ -269,6 +294,67 @@ class Worker:
 
         return restore
 
+    # --- the task stream ---------------------------------------------------------------------------
+
+    def _stream_until_stopped(self, transport: StreamingTransport, executor: TaskExecutor) -> bool:
+        """Receives tasks on a TaskStream, reopening it after errors; False if the server lacks it."""
+        backoff = Backoff(_RECONNECT_INITIAL_BACKOFF, self._max_reconnect_backoff)
+        outage_since: float | None = None
+        while True:
+            with self._state:
+                if self._stopping:
+                    break
+                # Slots freed from here on are granted on this session (see _release_slot).
+                session = StreamSession(
+                    transport,
+                    worker_id=self.worker_id,
+                    component_codes=self.component_codes,
+                    credit=self._concurrency - self._running_components,
+                )
+                self._session = session
+            transport.attach(session)
+            try:
+                for task in session.tasks():
+                    if outage_since is not None:
+                        self._log_reconnected(outage_since)
+                        outage_since = None
+                    backoff.reset()
+                    # Claimed tasks run even when stopping began meanwhile: they are ours until reported.
+                    with self._state:
+                        self._in_flight += 1
+                        self._running_components += 1
+                    executor.submit(task)
+            except Unimplemented:
+                logger.info("the engine at %s has no TaskStream; long-polling instead", self.target)
+                return False
+            except Exception as error:
+                if self._is_stopping():
+                    break
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    self._log_poll_failure(error)
+                else:
+                    logger.debug("the task stream still fails: %s", error)
+                self._sleep_unless_stopping(backoff.next_delay())
+            finally:
+                transport.attach(None)
+                with self._state:
+                    self._session = None
+                session.close()
+        self._log_stopping()
+        return True
+
+    def _log_reconnected(self, outage_since: float) -> None:
+        logger.info(
+            "worker %s reconnected to %s after %.1f s", self.worker_id, self.target, time.monotonic() - outage_since
+        )
+
+    def _log_stopping(self) -> None:
+        with self._state:
+            signum = self._stop_signal
+        reason = f"received {signal.Signals(signum).name}" if signum is not None else "stop requested"
+        logger.info("worker %s stopping (%s): polling ended", self.worker_id, reason)
+
     # --- polling -----------------------------------------------------------------------------------
 
     def _poll_until_stopped(self, transport: WorkerTransport, executor: TaskExecutor) -> None:
@@ -292,12 +378,7 @@ class Worker:
                 self._sleep_unless_stopping(backoff.next_delay())
                 continue
             if outage_since is not None:
-                logger.info(
-                    "worker %s reconnected to %s after %.1f s",
-                    self.worker_id,
-                    self.target,
-                    time.monotonic() - outage_since,
-                )
+                self._log_reconnected(outage_since)
                 outage_since = None
             backoff.reset()
             if not tasks:
@@ -307,12 +388,10 @@ class Worker:
             # Claimed tasks run even when stopping began meanwhile: they are ours until reported.
             with self._state:
                 self._in_flight += len(tasks)
+                self._running_components += len(tasks)
             for task in tasks:
                 executor.submit(task)
-        with self._state:
-            signum = self._stop_signal
-        reason = f"received {signal.Signals(signum).name}" if signum is not None else "stop requested"
-        logger.info("worker %s stopping (%s): polling ended", self.worker_id, reason)
+        self._log_stopping()
 
     def _poll_once(self, transport: WorkerTransport, max_tasks: int) -> list[Task]:
         call = transport.poll(
@@ -354,6 +433,14 @@ class Worker:
             while not self._stopping and self._in_flight >= self._concurrency:
                 self._state.wait()
             return 0 if self._stopping else self._concurrency - self._in_flight
+
+    def _component_returned(self) -> None:
+        """A slot is free as soon as the component returns: on a stream, the credit for the next task goes out
+        with (just before) this task's report, so the engine can hand it over in the same batch."""
+        with self._state:
+            self._running_components -= 1
+            if self._session is not None:
+                self._session.grant(1)
 
     def _release_slot(self) -> None:
         with self._state:

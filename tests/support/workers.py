@@ -123,6 +123,52 @@ def flaky(succeed_on_retry: int = 2) -> dict[str, Any]:
     return {"retry": task.retry}
 
 
+def json_types(value: Any) -> Any:
+    """The type of every leaf of a JSON value, in the vocabulary the Node.js worker's node_transform uses."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return [json_types(item) for item in value]
+    return {key: json_types(item) for key, item in value.items()}
+
+
+MADE_IN_PYTHON: dict[str, Any] = {
+    "text": "héllo 世界 🚀 from Python",
+    "integer": 2**53 - 1,
+    "float": 0.1 + 0.2,
+    "negative": -42,
+    "yes": True,
+    "no": False,
+    "nothing": None,
+    "nested": {"list": [1, "two", 3.5, False, None, {"deep": ["ü"]}], "empty_object": {}, "empty_list": []},
+}
+
+
+@component("py_transform")
+def py_transform(value: Any = None, hops: int = 0, trail: list[str] | None = None, **inputs: Any) -> dict[str, Any]:
+    """The Python twin of the Node.js worker's node_transform: echoes `value` (and `extra`) with the types
+    Python saw, counts hops and extends the trail, for values handed between languages."""
+    _record()
+    outputs = {
+        "echo": value,
+        "types": json_types(value),
+        "hops": hops + 1,
+        "trail": [*(trail or []), "python"],
+        "made_in_python": MADE_IN_PYTHON,
+    }
+    if "extra" in inputs:
+        outputs |= {"extra": inputs["extra"], "extra_types": json_types(inputs["extra"])}
+    return outputs
+
+
 class Poller(Component):
     """A polling component: done after `polls` schedule runs."""
 
@@ -173,6 +219,7 @@ COMPONENTS: dict[str, Any] = {
         sleep,
         maybe_fail,
         flaky,
+        py_transform,
         Poller(),
         CallbackWaiter(),
     )

@@ -699,15 +699,19 @@ class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PIPELINE_ID_FIELD_NUMBER: _builtins.int
+    PIPELINE_ONLY_FIELD_NUMBER: _builtins.int
     pipeline_id: _builtins.str
+    pipeline_only: _builtins.bool
+    """Only changes of the pipeline's own state, no nodes: a cheap way to wait for a large pipeline to end."""
     def __init__(
         self,
         *,
         pipeline_id: _builtins.str = ...,
+        pipeline_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_id", b"pipeline_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline_id", b"pipeline_id", "pipeline_only", b"pipeline_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -119,7 +119,9 @@ class Task(_message.Message):
     OUTPUTS_JSON_FIELD_NUMBER: _builtins.int
     RETRY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
-    """Identifies the task across re-offers (stable for the node attempt and kind)."""
+    """Identifies the task across re-offers after an expired lease. Each poll-again or callback run of a node is a
+    new task with a new id.
+    """
     token: _builtins.str
     """Opaque; authorises Heartbeat/CompleteTask/FailTask for this claim only."""
     pipeline_id: _builtins.str
@@ -341,3 +343,194 @@ class FailTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FailTaskResponse: _TypeAlias = FailTaskResponse  # noqa: Y015
+
+@_typing.final
+class TaskStreamRequest(_message.Message):
+    """What a worker sends on TaskStream. Any field may be set in any message; a busy worker packs several reports
+    into one message, and the server packs several tasks and replies into one response.
+
+      1. `hello` in the first message, and only there.
+      2. `credit` whenever it can take more tasks: the server sends at most as many tasks as the credits granted so
+         far minus the tasks already sent. A worker with N slots grants N at the start and 1 each time a slot frees.
+      3. `reports` (complete, fail, heartbeat), each with a `request_id` of the worker's choosing; each is answered
+         by one StreamReply carrying the same request_id, in any order.
+    Closing the request side ends the stream once every report sent is answered; tasks sent but not finished keep
+    their leases (report them with the unary calls, or let the leases expire).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HELLO_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    credit: _builtins.int
+    """How many more tasks the worker can take now (added to what it granted before)."""
+    @_builtins.property
+    def hello(self) -> Global___StreamHello: ...
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamReport]: ...
+    def __init__(
+        self,
+        *,
+        hello: Global___StreamHello | None = ...,
+        credit: _builtins.int = ...,
+        reports: _abc.Iterable[Global___StreamReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hello", b"hello"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "hello", b"hello", "reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskStreamRequest: _TypeAlias = TaskStreamRequest  # noqa: Y015
+
+@_typing.final
+class StreamHello(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    COMPONENT_CODES_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """As in PollTasksRequest."""
+    @_builtins.property
+    def component_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        component_codes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["component_codes", b"component_codes", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamHello: _TypeAlias = StreamHello  # noqa: Y015
+
+@_typing.final
+class StreamReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Matches the reply to this report."""
+    @_builtins.property
+    def complete(self) -> Global___CompleteTaskRequest: ...
+    @_builtins.property
+    def fail(self) -> Global___FailTaskRequest: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatRequest: ...
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        complete: Global___CompleteTaskRequest | None = ...,
+        fail: Global___FailTaskRequest | None = ...,
+        heartbeat: Global___HeartbeatRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "report", b"report", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["complete", "fail", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_report) -> _WhichOneofReturnType_report | None: ...
+
+Global___StreamReport: _TypeAlias = StreamReport  # noqa: Y015
+
+@_typing.final
+class TaskStreamResponse(_message.Message):
+    """What the server sends on TaskStream: tasks, and one reply per report, several per message when it can.
+    The stream ends with a status: UNAVAILABLE when the server shuts down (reconnect, possibly to another replica),
+    INVALID_ARGUMENT when the first message has no valid hello.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    REPLIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]: ...
+    @_builtins.property
+    def replies(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamReply]: ...
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        replies: _abc.Iterable[Global___StreamReply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replies", b"replies", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskStreamResponse: _TypeAlias = TaskStreamResponse  # noqa: Y015
+
+@_typing.final
+class StreamReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    @_builtins.property
+    def complete(self) -> Global___CompleteTaskResponse: ...
+    @_builtins.property
+    def fail(self) -> Global___FailTaskResponse: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___HeartbeatResponse: ...
+    @_builtins.property
+    def error(self) -> Global___StreamError:
+        """The report was refused or failed; `code` is the gRPC status code the unary call would have ended with
+        (for example 9 FAILED_PRECONDITION for a stale token: drop the result; 14 UNAVAILABLE: send it again),
+        `message` says why.
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        complete: Global___CompleteTaskResponse | None = ...,
+        fail: Global___FailTaskResponse | None = ...,
+        heartbeat: Global___HeartbeatResponse | None = ...,
+        error: Global___StreamError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "error", b"error", "fail", b"fail", "heartbeat", b"heartbeat", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "error", b"error", "fail", b"fail", "heartbeat", b"heartbeat", "request_id", b"request_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["complete", "fail", "heartbeat", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StreamReply: _TypeAlias = StreamReply  # noqa: Y015
+
+@_typing.final
+class StreamError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamError: _TypeAlias = StreamError  # noqa: Y015

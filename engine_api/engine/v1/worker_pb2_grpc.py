@@ -54,6 +54,11 @@ class WorkerServiceStub:
                 request_serializer=engine_dot_v1_dot_worker__pb2.FailTaskRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_worker__pb2.FailTaskResponse.FromString,
                 _registered_method=True)
+        self.TaskStream = channel.stream_stream(
+                '/engine.v1.WorkerService/TaskStream',
+                request_serializer=engine_dot_v1_dot_worker__pb2.TaskStreamRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_worker__pb2.TaskStreamResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -87,6 +92,16 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TaskStream(self, request_iterator, context):
+        """Optional, for throughput: one long-lived bidirectional stream per worker process that carries tasks to the
+        worker and its heartbeats and results back, instead of one unary call each. The calls above are complete on
+        their own; a worker may use either or both (a token from the stream is valid for the unary calls too, which is
+        how a worker reports a result after its stream broke). See TaskStreamRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +124,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.FailTask,
                     request_deserializer=engine_dot_v1_dot_worker__pb2.FailTaskRequest.FromString,
                     response_serializer=engine_dot_v1_dot_worker__pb2.FailTaskResponse.SerializeToString,
+            ),
+            'TaskStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.TaskStream,
+                    request_deserializer=engine_dot_v1_dot_worker__pb2.TaskStreamRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_worker__pb2.TaskStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +239,33 @@ class WorkerService:
             '/engine.v1.WorkerService/FailTask',
             engine_dot_v1_dot_worker__pb2.FailTaskRequest.SerializeToString,
             engine_dot_v1_dot_worker__pb2.FailTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TaskStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/engine.v1.WorkerService/TaskStream',
+            engine_dot_v1_dot_worker__pb2.TaskStreamRequest.SerializeToString,
+            engine_dot_v1_dot_worker__pb2.TaskStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

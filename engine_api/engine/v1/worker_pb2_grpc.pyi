@@ -61,6 +61,12 @@ class WorkerServiceStub:
     """Reports success (with outputs), or asks to be polled again / to wait for a callback."""
     FailTask: _grpc.UnaryUnaryMultiCallable[_worker_pb2.FailTaskRequest, _worker_pb2.FailTaskResponse]
     """Reports failure. The node becomes FAILED unless the failure is retryable and retries remain."""
+    TaskStream: _grpc.StreamStreamMultiCallable[_worker_pb2.TaskStreamRequest, _worker_pb2.TaskStreamResponse]
+    """Optional, for throughput: one long-lived bidirectional stream per worker process that carries tasks to the
+    worker and its heartbeats and results back, instead of one unary call each. The calls above are complete on
+    their own; a worker may use either or both (a token from the stream is valid for the unary calls too, which is
+    how a worker reports a result after its stream broke). See TaskStreamRequest.
+    """
 
 @_typing.type_check_only
 class WorkerServiceAsyncStub(WorkerServiceStub):
@@ -73,6 +79,12 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
     """Reports success (with outputs), or asks to be polled again / to wait for a callback."""
     FailTask: _aio.UnaryUnaryMultiCallable[_worker_pb2.FailTaskRequest, _worker_pb2.FailTaskResponse]  # type: ignore[assignment]
     """Reports failure. The node becomes FAILED unless the failure is retryable and retries remain."""
+    TaskStream: _aio.StreamStreamMultiCallable[_worker_pb2.TaskStreamRequest, _worker_pb2.TaskStreamResponse]  # type: ignore[assignment]
+    """Optional, for throughput: one long-lived bidirectional stream per worker process that carries tasks to the
+    worker and its heartbeats and results back, instead of one unary call each. The calls above are complete on
+    their own; a worker may use either or both (a token from the stream is valid for the unary calls too, which is
+    how a worker reports a result after its stream broke). See TaskStreamRequest.
+    """
 
 class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -106,5 +118,17 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.FailTaskResponse, _abc.Awaitable[_worker_pb2.FailTaskResponse]]:
         """Reports failure. The node becomes FAILED unless the failure is retryable and retries remain."""
+
+    @_abc_1.abstractmethod
+    def TaskStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.TaskStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.TaskStreamResponse], _abc.AsyncIterator[_worker_pb2.TaskStreamResponse]]:
+        """Optional, for throughput: one long-lived bidirectional stream per worker process that carries tasks to the
+        worker and its heartbeats and results back, instead of one unary call each. The calls above are complete on
+        their own; a worker may use either or both (a token from the stream is valid for the unary calls too, which is
+        how a worker reports a result after its stream broke). See TaskStreamRequest.
+        """
 
 def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

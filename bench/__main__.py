@@ -1,8 +1,9 @@
 """`python -m bench`: run the benchmark scenarios against a real engine server and real workers.
 
-    python -m bench                                   # every scenario, 3 runs, fresh SQLite file
+    python -m bench                                   # the default scenarios, 3 runs, fresh SQLite file
     python -m bench --scenario chain-1000 --repeat 5
     python -m bench --db postgresql://postgres@127.0.0.1:5432/postgres --json result.json
+    python -m bench --scenario sustained --repeat 1 --profile bench/profiles   # py-spy on the server
 
 Prints the JSON document on stdout and a summary table on stderr (progress goes there too), so
 `python -m bench > result.json` keeps both usable. See bench/README.md for what the figures mean.
@@ -11,24 +12,28 @@ Prints the JSON document on stdout and a summary table on stderr (progress goes 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.database import Database, fresh_database
 from bench.processes import EngineSetup, RunningEngine, running_engine
+from bench.profiling import Profile, profiling
 from bench.report import machine_info, scenario_report, summary_table
-from bench.scenarios import SCENARIOS, RunResult, ScenarioContext
+from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, RunResult, ScenarioContext
 
 # A tiny run of each chosen scenario before measuring, so the first measured run does not pay for
 # connection set-up, imports and cold caches.
 WARM_UP_SCALE = 0.01
+WARM_UP_SECONDS = 1.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -37,7 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scenario",
         action="append",
         choices=sorted(SCENARIOS),
-        help="a scenario to run (repeatable; default: all)",
+        help="a scenario to run (repeatable; default: " + ", ".join(s.name for s in DEFAULT_SCENARIOS) + ")",
     )
     parser.add_argument("--repeat", type=_positive_int, default=3, help="runs of each scenario (default 3)")
     parser.add_argument(
@@ -47,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "database is created for the run and dropped after (default: a new SQLite file in a temp dir)",
     )
     parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--concurrency", type=_positive_int, default=8, help="tasks in flight per worker (default 8)")
+    parser.add_argument("--concurrency", type=_positive_int, default=64, help="tasks in flight per worker (default 64)")
     parser.add_argument(
         "--sqlite-synchronous",
         type=str.upper,
@@ -60,6 +65,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=_positive_float,
         default=1.0,
         help="multiply every workload size (default 1.0; e.g. 0.05 for a quick smoke run)",
+    )
+    parser.add_argument(
+        "--sustained-seconds",
+        type=_positive_float,
+        default=30.0,
+        help="length of each of the sustained scenario's two phases (default 30)",
+    )
+    parser.add_argument(
+        "--idle-seconds",
+        type=_positive_float,
+        default=10.0,
+        help="how long idle-10k watches the idle engine's CPU (default 10)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=_positive_int,
+        help="load-generating client processes of the sustained scenario (default: 1 for the saturated "
+        "phase, as many as the half-rate phase's target rate needs)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="sample the engine server with py-spy during the measured runs; write a flame graph, a "
+        "speedscope profile and a top-functions summary to DIR",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON document to PATH")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -84,11 +114,32 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_scenarios(engine: RunningEngine, names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
-    measured = ScenarioContext(engine.address, args.scale, engine.check_alive)
-    warm_up = ScenarioContext(engine.address, WARM_UP_SCALE, engine.check_alive)
+def run_scenarios(
+    engine: RunningEngine, names: Sequence[str], args: argparse.Namespace
+) -> tuple[dict[str, Any], Profile | None]:
+    measured = ScenarioContext(
+        engine.address,
+        args.scale,
+        engine.check_alive,
+        server_pid=engine.server_pid,
+        sustained_seconds=args.sustained_seconds,
+        idle_seconds=args.idle_seconds,
+        client_processes=args.client_processes,
+    )
+    warm_up = dataclasses.replace(
+        measured,
+        scale=WARM_UP_SCALE,
+        sustained_seconds=min(WARM_UP_SECONDS, args.sustained_seconds),
+        idle_seconds=min(WARM_UP_SECONDS, args.idle_seconds),
+    )
     for name in names:
         SCENARIOS[name].run(warm_up)
+    with profiling(engine.server_pid, args.profile, progress) if args.profile else nullcontext() as profile:
+        reports = _measure(measured, names, args)
+    return reports, profile
+
+
+def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
     reports = {}
     for name in names:
         scenario = SCENARIOS[name]
@@ -106,7 +157,7 @@ def run_scenarios(engine: RunningEngine, names: Sequence[str], args: argparse.Na
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    names = args.scenario or list(SCENARIOS)
+    names = args.scenario or [scenario.name for scenario in DEFAULT_SCENARIOS]
     started = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as temp, fresh_database(args.db, Path(temp)) as database:
         setup = EngineSetup(
@@ -118,8 +169,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         progress(f"starting the engine on {database.kind} with {args.workers} worker(s)")
         with running_engine(setup) as engine:
-            scenarios = run_scenarios(engine, names, args)
-    return {
+            scenarios, profile = run_scenarios(engine, names, args)
+    document = {
         # Peers (a Celery runner, bamboo-engine) will report the same scenarios under their own name.
         "system": "pipeline-engine",
         "started_at": started.isoformat(timespec="seconds"),
@@ -130,9 +181,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "workers": args.workers,
             "concurrency": args.concurrency,
             "scale": args.scale,
+            "sustained_seconds": args.sustained_seconds,
+            "idle_seconds": args.idle_seconds,
+            "client_processes": args.client_processes,
         },
         "scenarios": scenarios,
     }
+    if profile is not None:
+        document["profile"] = profile.to_json()
+    return document
 
 
 def _database_info(database: Database, sqlite_synchronous: str) -> dict[str, Any]:
@@ -152,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for scenario in SCENARIOS.values():
-            print(f"{scenario.name}: {scenario.description}")
+            default = "" if scenario in DEFAULT_SCENARIOS else " (only with --scenario)"
+            print(f"{scenario.name}: {scenario.description}{default}")
         return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     began = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,8 +24,9 @@ import grpc
 ROOT = Path(__file__).resolve().parents[1]
 _STOP_TIMEOUT = 15.0
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-# The SDK logs this line just before its first poll: from then on the worker takes tasks.
-_WORKER_READY_LINE = " serving noop from "
+# The SDK logs "worker <id> serving <codes> from <target>" (codes in any order) just before its first
+# poll: from then on the worker takes tasks.
+_WORKER_READY_LINE = re.compile(r" serving (?=[^\n]*\bnoop\b)(?=[^\n]*\bawait_callback\b)[^\n]* from ")
 
 
 def free_port() -> int:
@@ -106,12 +108,12 @@ def _wait_until_serving(server: ChildProcess, address: str, timeout: float) -> N
     raise RuntimeError(f"the engine server did not start within {timeout:g} s:\n{server.log_tail()}")
 
 
-def _wait_for_log_line(process: ChildProcess, needle: str, timeout: float) -> None:
+def _wait_for_log_line(process: ChildProcess, pattern: re.Pattern[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.exited():
             raise RuntimeError(f"{process.name} exited at start:\n{process.log_tail()}")
-        if process.log_path.exists() and needle in process.log_path.read_text(errors="replace"):
+        if process.log_path.exists() and pattern.search(process.log_path.read_text(errors="replace")):
             return
         time.sleep(0.05)
     raise RuntimeError(f"{process.name} was not ready within {timeout:g} s:\n{process.log_tail()}")
@@ -131,6 +133,12 @@ class RunningEngine:
     address: str
     server: ChildProcess
     workers: list[ChildProcess]
+
+    @property
+    def server_pid(self) -> int:
+        """The engine server's own process (started directly, not through a shell)."""
+        assert self.server.process is not None, "the server was not started"
+        return self.server.process.pid
 
     def check_alive(self) -> None:
         """Raises if a process died: a scenario would otherwise just wait for work nobody does."""

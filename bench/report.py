@@ -50,6 +50,8 @@ def machine_info() -> dict[str, Any]:
 
 def scenario_report(scenario: Scenario, runs: Sequence[RunResult]) -> dict[str, Any]:
     headline = [run.to_json()["latency"][scenario.headline_latency] for run in runs]
+    # Scenario-specific figures (idle RSS, the sustained phases' rates) are summarised like the rest.
+    figure_names = list(dict.fromkeys(name for run in runs for name in run.figures))
     return {
         "description": scenario.description,
         "headline_latency": scenario.headline_latency,
@@ -59,8 +61,13 @@ def scenario_report(scenario: Scenario, runs: Sequence[RunResult]) -> dict[str, 
             "tasks_per_s": spread([run.tasks_per_s for run in runs]),
             "latency_p50_ms": spread([latency["p50_ms"] for latency in headline]),
             "latency_p99_ms": spread([latency["p99_ms"] for latency in headline]),
+            **{name: spread([run.figures[name] for run in runs if name in run.figures]) for name in figure_names},
         },
     }
+
+
+# The summary keys every scenario has; any other key is a scenario-specific figure.
+_COMMON_SUMMARY_KEYS = frozenset({"wall_s", "tasks_per_s", "latency_p50_ms", "latency_p99_ms"})
 
 
 def summary_table(document: dict[str, Any]) -> str:
@@ -84,6 +91,11 @@ def summary_table(document: dict[str, Any]) -> str:
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for name, result in document["scenarios"].items():
+        figures = {key: value for key, value in result["summary"].items() if key not in _COMMON_SUMMARY_KEYS}
+        if figures:
+            shown = ", ".join(f"{key} {_figure_text(value['median'])}" for key, value in figures.items())
+            lines.append(f"  {name}: {shown}")
     database = document["database"]
     settings = document["settings"]
     durability = f", synchronous={database['sqlite_synchronous']}" if database["kind"] == "sqlite" else ""
@@ -93,3 +105,7 @@ def summary_table(document: dict[str, Any]) -> str:
         f"{document['machine']['cpu_count']} CPU(s); medians of {settings['repeat']} run(s)"
     )
     return "\n".join([title, *lines])
+
+
+def _figure_text(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.2f}"

@@ -2,17 +2,20 @@
 
 A scenario gets a `ScenarioContext` (where the engine is, how big to make the workload) and returns a
 `RunResult`; the runner repeats it and the report summarises the results. Scenarios only talk to the
-engine through the public SDK, as a user would.
+engine through its public API (the SDK, or the generated `engine_api` stubs when many calls must be in
+flight at once), as a user would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bench.aio_client import AsyncEngineClient, map_concurrently
 from bench.stats import latency_summary
 from worker_sdk import EngineClient
 
@@ -28,6 +31,14 @@ class ScenarioContext:
     check_alive: Callable[[], None]
     """Raises if a server or worker process died, so a scenario never waits for a dead engine."""
     timeout: float = 600.0
+    server_pid: int | None = None
+    """The engine server's process id, for scenarios that read its memory and CPU from /proc."""
+    sustained_seconds: float = 30.0
+    """How long each phase of the `sustained` scenario lasts."""
+    idle_seconds: float = 10.0
+    """How long `idle-10k` watches the engine's CPU while every pipeline waits."""
+    client_processes: int | None = None
+    """Load-generating client processes of `sustained` (None: as many as the target rate needs)."""
 
     def scaled(self, size: int) -> int:
         return max(1, round(size * self.scale))
@@ -41,6 +52,9 @@ class RunResult:
     """Named latency samples; the scenario's `headline_latency` one goes in the table."""
     details: dict[str, Any] = field(default_factory=dict)
     """Other figures worth keeping (e.g. how long the Start calls took)."""
+    figures: dict[str, float] = field(default_factory=dict)
+    """Scenario-specific headline numbers (e.g. the engine's RSS): keys of the run's JSON, and
+    summarised (median, min, max over the runs) under the same keys in the scenario's summary."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -53,6 +67,7 @@ class RunResult:
             "tasks_per_s": round(self.tasks_per_s, 2),
             "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
             **self.details,
+            **{name: round(value, 4) for name, value in self.figures.items()},
         }
 
 
@@ -101,3 +116,37 @@ def require_finished(states: Iterable[tuple[str, str]]) -> None:
     if unfinished:
         shown = ", ".join(f"{pipeline_id} {state}" for pipeline_id, state in unfinished[:5])
         raise RuntimeError(f"{len(unfinished)} pipeline(s) did not finish: {shown}")
+
+
+def nodes_by_id(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every node of a state tree by id, the nodes inside subprocesses included."""
+    found: dict[str, dict[str, Any]] = {}
+    for node_id, node in state["children"].items():
+        found[node_id] = node
+        if node.get("children"):
+            found.update(nodes_by_id(node))
+    return found
+
+
+def activity_run_ms(state: dict[str, Any]) -> list[float]:
+    """For every activity that ran: from the engine reaching it (its task is made) to its result committed."""
+    return [
+        millis_between(node["start_time"], node["finish_time"])
+        for node in nodes_by_id(state).values()
+        if node["type"] == "ServiceActivity" and node["start_time"] and node["finish_time"]
+    ]
+
+
+def start_together(
+    address: str, trees_json: Sequence[str], *, limit: int | None = None
+) -> tuple[float, float, list[str]]:
+    """Issues every Start at once (at most `limit` in flight); returns the wall time just before the first
+    call, the wall time when the last one returned, and the pipeline ids in the order of `trees_json`."""
+
+    async def start_all() -> tuple[float, float, list[str]]:
+        async with AsyncEngineClient(address) as client:
+            first_start_at = time.time()
+            pipeline_ids = await map_concurrently(client.start, trees_json, limit)
+            return first_start_at, time.time(), pipeline_ids
+
+    return asyncio.run(start_all())

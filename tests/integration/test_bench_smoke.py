@@ -1,4 +1,4 @@
-"""`python -m bench` runs end to end and reports well-formed figures (structure, never speed)."""
+"""`python -m bench` runs every scenario end to end and reports well-formed figures (structure, never speed)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,37 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.support.processes import ROOT
 
-SCALE = 0.05  # 50-node chain, 100 pipelines: seconds, not minutes
+SCALE = 0.02  # 20-node chain, 2 bamboo pipelines, 2 fan-out branches, 200 idle pipelines: seconds, not minutes
+SUSTAINED_SECONDS = 2.0
+IDLE_SECONDS = 1.0
+SCENARIOS = ["bamboo-17", "fanout-1000", "chain-1000", "chains-100x17", "sustained", "idle-10k", "independent-2000"]
 
 
-def test_bench_reports_every_scenario_with_the_expected_task_counts(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    tmp_path = tmp_path_factory.mktemp("bench")
     json_path = tmp_path / "result.json"
+    scenario_args = [arg for name in SCENARIOS for arg in ("--scenario", name)]
     completed = subprocess.run(
         [
             sys.executable,
             "-m",
             "bench",
-            "--scenario",
-            "chain-1000",
-            "--scenario",
-            "independent-2000",
+            *scenario_args,
             "--repeat",
             "1",
             "--scale",
             str(SCALE),
+            "--sustained-seconds",
+            str(SUSTAINED_SECONDS),
+            "--idle-seconds",
+            str(IDLE_SECONDS),
             "--db",
             f"sqlite:///{tmp_path / 'bench.db'}",
             "--json",
@@ -38,34 +48,142 @@ def test_bench_reports_every_scenario_with_the_expected_task_counts(tmp_path: Pa
         timeout=100,
     )
     assert completed.returncode == 0, completed.stderr
+    return json.loads(completed.stdout), completed.stderr, json_path
 
-    document = json.loads(completed.stdout)
+
+def only_run(document: dict[str, Any], name: str) -> dict[str, Any]:
+    [run] = document["scenarios"][name]["runs"]
+    assert run["wall_s"] > 0
+    assert run["tasks_per_s"] > 0
+    for latency in run["latency"].values():
+        assert latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    return run
+
+
+@pytest.mark.timeout(120)
+def test_the_document_names_the_machine_settings_and_every_scenario(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    document, stderr, json_path = bench_run
     assert json.loads(json_path.read_text()) == document
+    assert document["system"] == "pipeline-engine"
     assert document["database"]["kind"] == "sqlite"
     assert document["database"]["sqlite_synchronous"] == "FULL"
     assert document["machine"]["cpu_count"] >= 1
-    assert document["settings"] == {"repeat": 1, "workers": 2, "concurrency": 8, "scale": SCALE}
-    assert set(document["scenarios"]) == {"chain-1000", "independent-2000"}
-
-    chain = document["scenarios"]["chain-1000"]
-    [chain_run] = chain["runs"]
-    assert chain_run["tasks"] == 50
-    assert chain_run["tasks_per_s"] > 0
-    # Latencies between consecutive nodes: one fewer than the nodes; each node's own run: one each.
-    assert chain_run["latency"]["per_node"]["count"] == 49
-    assert chain_run["latency"]["handoff"]["count"] == 49
-    assert chain_run["latency"]["node_run"]["count"] == 50
-    assert chain["summary"]["wall_s"]["median"] == chain_run["wall_s"]
-
-    independent = document["scenarios"]["independent-2000"]
-    [independent_run] = independent["runs"]
-    assert independent_run["tasks"] == 100
-    assert independent_run["tasks_per_s"] > 0
-    latency = independent_run["latency"]["per_pipeline"]
-    assert latency["count"] == 100
-    assert 0 <= latency["p50_ms"] <= latency["p99_ms"] <= latency["max_ms"]
+    assert document["settings"] == {
+        "repeat": 1,
+        "workers": 2,
+        "concurrency": 64,
+        "scale": SCALE,
+        "sustained_seconds": SUSTAINED_SECONDS,
+        "idle_seconds": IDLE_SECONDS,
+        "client_processes": None,
+    }
+    assert list(document["scenarios"]) == SCENARIOS
+    for name in SCENARIOS:
+        summary = document["scenarios"][name]["summary"]
+        # What a comparison with a peer runner joins on.
+        assert summary["wall_s"]["median"] == document["scenarios"][name]["runs"][0]["wall_s"]
 
     # The human table goes to stderr, so stdout stays pure JSON: one row per scenario, with 1 run.
-    rows = [line.split() for line in completed.stderr.splitlines()]
+    rows = [line.split() for line in stderr.splitlines()]
     table = {row[0]: row for row in rows if len(row) > 1 and row[0] in document["scenarios"] and row[1] == "1"}
-    assert set(table) == {"chain-1000", "independent-2000"}
+    assert set(table) == set(SCENARIOS)
+    assert any(line.startswith("  sustained: saturated_tasks_per_s ") for line in stderr.splitlines())
+    assert any(line.startswith("  idle-10k: idle_rss_mb ") for line in stderr.splitlines())
+
+
+@pytest.mark.timeout(120)
+def test_pipelines_started_together_count_every_activity_they_ran(bench_run: tuple[dict[str, Any], str, Path]) -> None:
+    document, _, _ = bench_run
+    # bamboo-17: 8 activities run per pipeline (the exclusive gateway takes one of its two branches).
+    bamboo = only_run(document, "bamboo-17")
+    assert (bamboo["pipelines"], bamboo["tasks"]) == (2, 2 * 8)
+    assert bamboo["latency"]["per_node"]["count"] == 2 * 8
+    assert bamboo["latency"]["per_pipeline"]["count"] == 2
+
+    fanout = only_run(document, "fanout-1000")
+    assert (fanout["pipelines"], fanout["tasks"]) == (1, 2 * 10)
+    assert fanout["latency"]["per_node"]["count"] == 2 * 10
+
+    chains = only_run(document, "chains-100x17")
+    assert (chains["pipelines"], chains["tasks"]) == (2, 2 * 17)
+    assert chains["latency"]["per_node"]["count"] == 2 * 17
+
+    chain = only_run(document, "chain-1000")
+    assert chain["tasks"] == 20
+    # Latencies between consecutive nodes: one fewer than the nodes; each node's own run: one each.
+    assert chain["latency"]["per_node"]["count"] == 19
+    assert chain["latency"]["handoff"]["count"] == 19
+    assert chain["latency"]["node_run"]["count"] == 20
+
+    independent = only_run(document, "independent-2000")
+    assert independent["tasks"] == 40
+    assert independent["latency"]["per_pipeline"]["count"] == 40
+
+
+@pytest.mark.timeout(120)
+def test_sustained_reports_the_saturated_rate_and_latency_at_half_of_it(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    document, _, _ = bench_run
+    run = only_run(document, "sustained")
+    saturated, half = run["saturated"], run["half_rate"]
+    assert run["wall_s"] == SUSTAINED_SECONDS
+    assert 0 < run["tasks"] == saturated["finished_in_phase"] <= saturated["started"]
+    assert run["saturated_tasks_per_s"] == pytest.approx(run["tasks"] / SUSTAINED_SECONDS, rel=1e-3)
+    assert run["half_rate_target_per_s"] == pytest.approx(run["saturated_tasks_per_s"] / 2, rel=1e-3)
+    assert run["half_rate_offered_per_s"] > 0
+    assert half["client_processes"] >= 1
+    assert run["latency"]["start_to_finish"]["count"] == half["started"] > 0
+    assert run["latency"]["saturated_start_to_finish"]["count"] == saturated["started"]
+    assert 0 < run["half_rate_p50_ms"] <= run["half_rate_p99_ms"]
+    summary = document["scenarios"]["sustained"]["summary"]
+    assert summary["half_rate_p99_ms"]["median"] == run["half_rate_p99_ms"]
+    assert summary["saturated_tasks_per_s"]["median"] == run["saturated_tasks_per_s"]
+
+
+@pytest.mark.timeout(120)
+def test_idle_reports_the_engine_memory_and_cpu_and_the_time_to_call_every_pipeline_back(
+    bench_run: tuple[dict[str, Any], str, Path],
+) -> None:
+    document, _, _ = bench_run
+    run = only_run(document, "idle-10k")
+    assert run["pipelines"] == run["tasks"] == 200
+    assert run["latency"]["callback_to_finish"]["count"] == 200
+    assert run["idle_rss_mb"] > 10  # a Python gRPC server is tens of MB at least
+    assert run["rss_before_mb"] > 10
+    assert 0 <= run["idle_cpu_percent"] < 200  # 2 cores at most
+    assert run["idle_watched_s"] >= IDLE_SECONDS
+    assert run["callback_all_s"] == run["wall_s"] > 0
+    summary = document["scenarios"]["idle-10k"]["summary"]
+    assert set(summary) >= {"idle_rss_mb", "idle_cpu_percent", "callback_all_s"}
+
+
+@pytest.mark.timeout(120)
+def test_profile_samples_the_engine_server_and_summarises_where_its_time_goes(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    completed = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench", "--scenario", "sustained", "--repeat", "1", "--scale", str(SCALE)),
+            *("--sustained-seconds", "1", "--db", f"sqlite:///{tmp_path / 'bench.db'}", "--profile", str(profiles)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert completed.returncode == 0, completed.stderr
+
+    profile = json.loads(completed.stdout)["profile"]
+    flame_graph, speedscope = Path(profile["flame_graph"]), Path(profile["speedscope"])
+    summary, gil_stacks = Path(profile["summary"]), Path(profile["gil_collapsed_stacks"])
+    assert {path.parent for path in (flame_graph, speedscope, summary, gil_stacks)} == {profiles}
+    assert flame_graph.read_text().lstrip().startswith("<?xml")
+    assert json.loads(speedscope.read_text())["profiles"]
+    assert profile["gil_samples"] > 0 and profile["active_samples"] > 0
+    # The server's own code shows up by name: the engine's batch loop ran while it was sampled.
+    text = summary.read_text()
+    assert "holding the GIL" in text and "all active threads" in text
+    assert "engine_server/" in text
+    assert f"summary      {summary}" in completed.stderr

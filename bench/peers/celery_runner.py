@@ -12,6 +12,7 @@ Times run from just before the canvas is sent to the last task's `date_done` in 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -138,11 +139,24 @@ def _wait_for(result: AsyncResult | GroupResult, workers: CeleryWorkers) -> None
     result.get(timeout=RESULT_TIMEOUT, propagate=True, disable_sync_subtasks=False)
 
 
-def _finished_at(result: AsyncResult) -> datetime:
-    done = result.date_done
-    if done is None:
-        raise RuntimeError(f"task {result.id} has no date_done in the result backend")
-    return done
+def _finish_times(results: Sequence[AsyncResult]) -> list[datetime]:
+    """Each task's `date_done`, read straight from the result keys in Redis.
+
+    Not through `AsyncResult.date_done`: that subscribes the result consumer, and an AsyncResult
+    garbage-collected while it unsubscribes re-enters redis-py's PubSub and deadlocks (seen here).
+    """
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        metas = client.mget([f"celery-task-meta-{result.id}" for result in results])
+    finally:
+        client.close()
+    times = []
+    for result, meta in zip(results, metas, strict=True):
+        done = json.loads(meta).get("date_done") if meta else None
+        if not done:
+            raise RuntimeError(f"task {result.id} has no date_done in the result backend")
+        times.append(datetime.fromisoformat(done).replace(tzinfo=UTC))
+    return times
 
 
 def _chain_results(last: AsyncResult) -> list[AsyncResult]:
@@ -164,7 +178,7 @@ def run_chains(workers: CeleryWorkers, chains: int, length: int) -> RunResult:
     client_wall_s = time.time() - sent_at
     sent = datetime.fromtimestamp(sent_at, UTC)
     # A chain's result is its last task's; the group holds one per chain.
-    finishes = [[_finished_at(task) for task in _chain_results(last)] for last in result.results]
+    finishes = [_finish_times(_chain_results(last)) for last in result.results]
     if any(len(chain_finishes) != length for chain_finishes in finishes):
         raise RuntimeError(f"a chain has not {length} results: {[len(f) for f in finishes]}")
     return RunResult(
@@ -186,7 +200,7 @@ def run_long_chain(workers: CeleryWorkers, length: int) -> RunResult:
     _wait_for(last, workers)
     client_wall_s = time.time() - sent_at
     sent = datetime.fromtimestamp(sent_at, UTC)
-    finishes = [_finished_at(task) for task in _chain_results(last)]
+    finishes = _finish_times(_chain_results(last))
     if len(finishes) != length:
         raise RuntimeError(f"the chain has {len(finishes)} results, expected {length}")
     return RunResult(

@@ -49,9 +49,13 @@ class SpecCache:
                 self._specs.popitem(last=False)
 
 
-def reach_order(run: NodeRun) -> tuple[int, int]:
-    """Nodes in the order they were reached: by start time, then by version (versions are "v<seq>")."""
-    return run.started_at, int(run.version[1:]) if run.version[1:].isdigit() else 0
+def reach_order(run: NodeRun) -> tuple[bool, int, int]:
+    """Nodes in the order they were reached: by start time, then by version (versions are "v<seq>").
+
+    A node with a state but no start time (appointed to pause, not reached yet) comes after every reached one.
+    """
+    sequence = int(run.version[1:]) if run.version[1:].isdigit() else 0
+    return run.started_at == 0, run.started_at, sequence
 
 
 def node_from_row(row: Any) -> NodeRun:

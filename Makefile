@@ -57,11 +57,13 @@ bench: install
 ## The peers (Celery, bamboo-engine) live in their own venv, so the project's dependencies stay clean.
 ## Installed when missing or when bench/peers/requirements.txt changes; pip's output goes to stderr.
 PEERS_VENV := .venv-peers
+# bamboo-engine 3.0.7 supports Python < 3.12, whatever PYTHON the project itself uses.
+PEERS_PYTHON ?= python3.11
 PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
 
 $(PEERS_STAMP): bench/peers/requirements.txt
 	@echo "installing the benchmark peers into $(PEERS_VENV)" >&2
-	@$(PYTHON) -m venv $(PEERS_VENV) >&2
+	@$(PEERS_PYTHON) -m venv $(PEERS_VENV) >&2
 	@$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip >&2
 	@$(PEERS_VENV)/bin/python -m pip install --quiet -r bench/peers/requirements.txt >&2
 	@touch $(PEERS_STAMP)

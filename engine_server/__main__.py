@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from engine_server.logs import configure_logging
 from engine_server.server import serve
-from engine_server.settings import parse_args
+from engine_server.settings import SUBCOMMANDS_HELP, parse_args
 from storage.database import create_database_engines
 from storage.migrate import current_revision, head_revision, upgrade
 from storage.store import Store
@@ -22,6 +22,9 @@ from storage.store import Store
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in ("migrate", "purge") else "serve"
+    if command != "serve" and ("-h" in args or "--help" in args):
+        print(SUBCOMMANDS_HELP, end="")
+        return
     older_than = ""
     if command == "purge":
         if "--older-than" not in args or args.index("--older-than") + 1 >= len(args):

@@ -135,7 +135,8 @@ class EngineMetrics:
         try:
             self.batch_duration.observe(committed - started)
             self.commit_duration.observe(committed - writes_done)
-            self.batch_operations.observe(operations)
+            if operations:  # claim-only and re-check batches would drag "events per commit" towards zero
+                self.batch_operations.observe(operations)
             if writes.task_inserts:
                 _add(self.tasks_queued, Tally(task["component_code"] for task in writes.task_inserts))
             if any(claims):

@@ -97,12 +97,23 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     return replace(settings, **values)  # type: ignore[arg-type]
 
 
+SUBCOMMANDS_HELP = """\
+other commands:
+  engine-server migrate [--database-url URL]
+      upgrade the database's schema to this version's (the server refuses an older schema)
+  engine-server purge --older-than AGE [--database-url URL]
+      delete FINISHED and REVOKED pipelines that ended more than AGE ago (30d, 12h, 90m, 45s)
+"""
+
+
 def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Flags override ENGINE_* variables, which override the defaults."""
     base = from_env(environ)
     parser = argparse.ArgumentParser(
         prog="engine-server",
         description="The pipeline engine's gRPC server (starts on SQLite with no arguments).",
+        epilog=SUBCOMMANDS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     for f in fields(Settings):
         default = getattr(base, f.name)

@@ -60,7 +60,7 @@ def main() -> None:
             state = client.wait(pipeline_id, timeout=args.wait)
         except WaitTimeout as timeout:
             state_name = timeout.state["state"] if timeout.state else "RUNNING"
-            print(f"still {state_name} after {args.wait:.0f} s: is a worker serving 'greet' and 'shout' running?")
+            print(f"still {state_name} after {args.wait:g} s: is a worker serving 'greet' and 'shout' running?")
             print("The pipeline carries on as soon as one connects.")
             return
         print_state(client, state, pipeline_id)

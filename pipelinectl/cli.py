@@ -122,7 +122,10 @@ def json_value(ctx: click.Context, param: click.Parameter, value: str | None) ->
 TREE_FILE = click.File("r", encoding="utf-8")
 
 inputs_option = click.option(
-    "--inputs", metavar="JSON", callback=json_object, help='Pipeline inputs, a JSON object: \'{"${name}": "Ada"}\'.'
+    "--inputs",
+    metavar="JSON",
+    callback=json_object,
+    help='Pipeline inputs, a JSON object: \'{"name": "Ada"}\' (a key may also be written "${name}").',
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of text.")
 cycle_option = click.option(

@@ -20,6 +20,7 @@ import logging
 import random
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -179,10 +180,16 @@ class TaskFeed:
         if self._poll is not None:
             self._engine._grow_poll(self._poll, self._credit)
 
+    def wake(self) -> None:
+        """The engine is stopping: a feed waiting for credit ends now (it raises Unavailable)."""
+        self._has_credit.set()
+
     async def next_tasks(self) -> list[ClaimedTask]:
         """Waits for credit, then for tasks; the credit is spent on what is returned."""
         while True:
             await self._has_credit.wait()
+            if self._engine._stopping:
+                raise Unavailable("the engine server is shutting down; connect to another")
             self._poll = self._engine._new_poll(self._worker_id, self._codes, self._credit)
             try:
                 tasks = await self._engine._await_poll(self._poll, None)
@@ -330,6 +337,8 @@ class Engine:
         self._kick = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._checkpoint_task: asyncio.Task[None] | None = None
+        # Open TaskStreams, woken at shutdown (a feed without credit would otherwise wait for gRPC's grace).
+        self._feeds: weakref.WeakSet[TaskFeed] = weakref.WeakSet()
         self._batches_since_checkpoint = 0
         self._stopping = False
         self.metrics = metrics or EngineMetrics()
@@ -367,6 +376,8 @@ class Engine:
         """Finishes the batch in flight; answers what is still queued with UNAVAILABLE."""
         self._stopping = True
         self._kick.set()
+        for feed in list(self._feeds):
+            feed.wake()
         if self._loop_task is not None:
             await self._loop_task
         if self._checkpoint_task is not None:
@@ -572,7 +583,9 @@ class Engine:
         """Tasks for one TaskStream: a long poll that never times out and takes as many tasks as it has credit."""
         if self._stopping:
             raise Unavailable("the engine server is shutting down; connect to another")
-        return TaskFeed(self, worker_id, frozenset(codes))
+        feed = TaskFeed(self, worker_id, frozenset(codes))
+        self._feeds.add(feed)
+        return feed
 
     def _new_poll(self, worker_id: str, codes: Iterable[str], max_tasks: int, *, once: bool = False) -> _Poll:
         poll = _Poll(

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc, worker_pb2, worker_pb2_grpc
 from engine_server.engine import Engine
 from engine_server.metrics import EngineMetrics, MetricsServer
-from engine_server.servicers import EngineServicer, WorkerServicer
+from engine_server.servicers import EngineServicer, WorkerServicer, max_message_bytes
 from engine_server.settings import Settings
 from storage.database import DatabaseInUse, SqliteLock
 from storage.migrate import SchemaMismatch
@@ -39,12 +39,19 @@ class EngineServer:
         self.metrics_server: MetricsServer | None = None
         self.engine = Engine(self.store, settings, notifier=notifier, metrics=self.metrics)
         # Room for the largest tree plus framing; payload fields are checked against their own limit.
-        max_message = max(settings.max_tree_bytes, settings.max_payload_bytes) + 1024 * 1024
+        max_message = max_message_bytes(settings)
         self.grpc_server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", max_message),
                 ("grpc.max_send_message_length", max_message),
                 ("grpc.so_reuseport", 0),
+                # Task streams are long-lived and often idle: ping them, and accept workers' keepalive pings,
+                # so a connection a load balancer or NAT dropped is noticed (and its tasks re-offered).
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
             ]
         )
         engine_pb2_grpc.add_EngineServiceServicer_to_server(EngineServicer(self.engine, settings), self.grpc_server)

@@ -79,6 +79,11 @@ def maps_errors(method: Handler[Request, Response]) -> Handler[Request, Response
     return wrapper
 
 
+def max_message_bytes(settings: Settings) -> int:
+    """gRPC's message limit: room for the largest tree or payload plus framing."""
+    return max(settings.max_tree_bytes, settings.max_payload_bytes) + 1024 * 1024
+
+
 class Limits:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -97,6 +102,8 @@ class Limits:
             return json.loads(text)
         except ValueError as exc:
             raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument(f"{what} is nested too deeply to read") from None
 
     def json_object(self, text: str, what: str) -> dict[str, Any]:
         self.payload(text, what)
@@ -104,6 +111,8 @@ class Limits:
             return dict(parse_json_object(text, what))
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        except RecursionError:
+            raise InvalidArgument(f"{what} is nested too deeply to read") from None
 
 
 def _variable_key(name: str) -> str:
@@ -360,6 +369,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self.limits = Limits(settings)
+        # Several claimed tasks may go out in one message; this keeps it under the server's send limit.
+        self.max_message_bytes = max_message_bytes(settings) - 64 * 1024
 
     @maps_errors
     async def PollTasks(
@@ -369,7 +380,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not codes:
             raise InvalidArgument("component_codes is required: name the component codes this worker serves")
         tasks = await self.engine.poll_tasks(request.worker_id, codes, request.max_tasks, request.wait_ms)
-        return worker_pb2.PollTasksResponse(tasks=[converters.task_message(t) for t in tasks])
+        response = worker_pb2.PollTasksResponse()
+        size = 0
+        for number, task in enumerate(tasks):
+            converted = converters.task_message(task)
+            size += converted.ByteSize() + 8
+            if number and size > self.max_message_bytes:
+                self.engine.release(tasks[number:])  # too big for one answer: offered again at once
+                break
+            response.tasks.append(converted)
+        return response
 
     @maps_errors
     async def Heartbeat(
@@ -437,6 +457,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 await outbox.ready.wait()
                 outbox.ready.clear()
                 if outbox.error is not None:
+                    # Replies already committed still go out before the stream ends.
+                    if outbox.replies:
+                        replies, outbox.replies = outbox.replies, []
+                        yield worker_pb2.TaskStreamResponse(replies=replies)
                     if isinstance(outbox.error, EngineError):
                         code = STATUS_CODES.get(type(outbox.error), grpc.StatusCode.INTERNAL)
                         await context.abort(code, str(outbox.error))
@@ -444,16 +468,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
                 if outbox.worker_done:
                     # The worker closed its side: no new tasks, answer what it already sent, then end.
                     pumper.cancel()
+                    self.engine.release(outbox.tasks)
+                    outbox.tasks = []
                 if outbox.tasks or outbox.replies:
-                    tasks, outbox.tasks = outbox.tasks, []
-                    replies, outbox.replies = outbox.replies, []
-                    if outbox.worker_done:
-                        self.engine.release(tasks)
-                        tasks = []
-                    yield worker_pb2.TaskStreamResponse(
-                        tasks=[converters.task_message(task) for task in tasks], replies=replies
-                    )
-                if outbox.worker_done and outbox.unanswered == 0:
+                    yield self._next_message(outbox)
+                if outbox.tasks or outbox.replies:
+                    outbox.wake()  # more than one message's worth was waiting
+                elif outbox.worker_done and outbox.unanswered == 0:
                     return
         finally:
             reader.cancel()
@@ -461,6 +482,22 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
             # Tasks claimed for this stream but never written go back at once instead of waiting for their lease.
             if outbox.tasks:
                 self.engine.release(outbox.tasks)
+
+    def _next_message(self, outbox: _Outbox) -> worker_pb2.TaskStreamResponse:
+        """What is waiting, up to a size the connection can carry; the rest stays for the next message."""
+        message = worker_pb2.TaskStreamResponse(replies=outbox.replies)
+        outbox.replies = []
+        size = message.ByteSize()
+        taken = 0
+        for task in outbox.tasks:
+            converted = converters.task_message(task)
+            size += converted.ByteSize() + 8  # field tag and length
+            if taken and size > self.max_message_bytes:
+                break
+            message.tasks.append(converted)
+            taken += 1
+        del outbox.tasks[:taken]
+        return message
 
     def _take(self, request: worker_pb2.TaskStreamRequest, feed: TaskFeed, outbox: _Outbox) -> None:
         if request.credit > 0:

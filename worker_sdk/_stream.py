@@ -47,7 +47,8 @@ class StreamSession:
         self._hello = worker_pb2.StreamHello(worker_id=worker_id, component_codes=component_codes)
         if credit > 0:
             self._outgoing.put(credit)
-        self._lock = threading.Lock()
+        # Reentrant: Worker.stop() may run in a signal handler on the thread that holds it.
+        self._lock = threading.RLock()
         self._replies: dict[int, concurrent.futures.Future[worker_pb2.StreamReply]] = {}
         self._request_ids = itertools.count(1)
         self._closed = False
@@ -119,6 +120,11 @@ class StreamSession:
             with self._lock:
                 self._replies.pop(request_id, None)
 
+    def interrupt(self) -> None:
+        """Cancels the call without taking any lock (safe in a signal handler); `tasks()` then ends and
+        closes the session on its own thread."""
+        self._call.cancel()
+
     def close(self) -> None:
         """Ends the stream; reports waiting for a reply fail with Unavailable (their senders retry)."""
         with self._lock:
@@ -127,22 +133,39 @@ class StreamSession:
             self._closed = True
             waiting = list(self._replies.values())
             self._replies.clear()
+            for reply in waiting:
+                _settle(reply, error=Unavailable("the task stream ended before the engine replied"))
         self._outgoing.put(None)
         self._call.cancel()
-        for reply in waiting:
-            if not reply.done():
-                reply.set_exception(Unavailable("the task stream ended before the engine replied"))
 
     def _route(self, reply: worker_pb2.StreamReply) -> None:
         with self._lock:
             waiting = self._replies.get(reply.request_id)
-        if waiting is None or waiting.done():
-            return  # its sender gave up (timed out) and will retry
-        if reply.WhichOneof("result") == "error":
-            status = _STATUS_BY_NUMBER.get(reply.error.code, grpc.StatusCode.UNKNOWN)
-            waiting.set_exception(error_for_status(status, reply.error.message))
+            if waiting is None:
+                return  # its sender gave up (timed out) and will retry
+            if reply.WhichOneof("result") == "error":
+                status = _STATUS_BY_NUMBER.get(reply.error.code, grpc.StatusCode.UNKNOWN)
+                _settle(waiting, error=error_for_status(status, reply.error.message))
+            else:
+                _settle(waiting, result=reply)
+
+
+def _settle(
+    future: concurrent.futures.Future[worker_pb2.StreamReply],
+    *,
+    result: worker_pb2.StreamReply | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Resolves a reply once; a second resolution (close and a late reply racing) is ignored."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
         else:
-            waiting.set_result(reply)
+            future.set_result(result)  # type: ignore[arg-type]
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 class StreamingTransport(WorkerTransport):

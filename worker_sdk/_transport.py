@@ -124,6 +124,11 @@ def open_channel(
     defaults: dict[str, Any] = {
         # A poll or stream message may carry several tasks, each with inputs up to the server's payload limit.
         "grpc.max_receive_message_length": -1,
+        # A task stream is long-lived and often idle: keepalive pings notice a connection that was dropped
+        # silently (a load balancer, NAT) instead of waiting for tasks on it forever.
+        "grpc.keepalive_time_ms": 30_000,
+        "grpc.keepalive_timeout_ms": 10_000,
+        "grpc.keepalive_permit_without_calls": 1,
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": max(100, int(max_reconnect_backoff * 1000)),
     }

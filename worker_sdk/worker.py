@@ -237,7 +237,7 @@ class Worker:
         if call is not None:
             call.cancel()
         if session is not None:
-            session.close()
+            session.interrupt()
 
     def join(self, timeout: float | None = None) -> bool:
         """Waits until the worker has stopped; False if `timeout` ran out first."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -196,3 +198,80 @@ def test_the_python_worker_runs_a_chain_on_either_transport(
         state = client.wait(client.start(tree), timeout=30)
     assert state["state"] == "FINISHED"
     assert all(child["state"] == "FINISHED" for child in state["children"].values())
+
+
+def test_tasks_too_big_for_one_message_arrive_over_several(database_url: str, tmp_path: Path) -> None:
+    """Credit for 12 tasks of ~95 kB each, against a 1.1 MB message limit: all of them arrive, none is lost."""
+    server = ServerProcess(
+        database_url,
+        log_dir=tmp_path,
+        extra_args=["--max-payload-bytes", "100000", "--max-tree-bytes", "100000"],
+    )
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            big = "x" * 95_000
+            ids = {
+                client.start(chain_tree(["streamed"], inputs={"blob": {"type": "plain", "value": big}}))
+                for _ in range(12)
+            }
+        stream = RawStream(server.address, "streamed")
+        try:
+            stream.send(credit=12)
+            tasks = [stream.task() for _ in range(12)]
+            assert {task.pipeline_id for task in tasks} == ids
+            assert all(task.attempt == 1 and len(task.inputs_json) > 95_000 for task in tasks)
+        finally:
+            stream.close()
+    finally:
+        server.stop()
+
+
+def test_a_report_that_cannot_be_read_is_answered_and_the_stream_goes_on(
+    server: ServerProcess, client: EngineClient
+) -> None:
+    pipeline_id = client.start(chain_tree(["streamed"]))
+    stream = RawStream(server.address, "streamed")
+    try:
+        stream.send(credit=1)
+        task = stream.task()
+        stream.report(1, complete=worker_pb2.CompleteTaskRequest(token=task.token, outputs_json="[" * 100_000))
+        refused = stream.reply()
+        assert refused.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "nested too deeply" in refused.error.message
+        stream.report(2, complete=worker_pb2.CompleteTaskRequest(token=task.token, outputs_json='{"ok": true}'))
+        assert stream.reply().WhichOneof("result") == "complete"
+        assert client.wait(pipeline_id, timeout=10)["state"] == "FINISHED"
+    finally:
+        stream.close()
+
+
+def test_closing_the_worker_side_still_delivers_every_reply(server: ServerProcess, client: EngineClient) -> None:
+    client.start(chain_tree(["streamed"]))
+    stream = RawStream(server.address, "streamed")
+    stream.send(credit=1)
+    task = stream.task()
+    stream.report(1, heartbeat=worker_pb2.HeartbeatRequest(token=task.token))
+    stream.report(2, complete=worker_pb2.CompleteTaskRequest(token=task.token, outputs_json="{}"))
+    stream.outgoing.put(None)  # half-close: no more requests
+    replies = {stream.reply().request_id for _ in range(2)}
+    assert replies == {1, 2}
+    stream.reader.join(timeout=10)
+    assert not stream.reader.is_alive(), "the server did not end the stream after answering"
+    stream.channel.close()
+
+
+def test_a_stream_waiting_without_credit_ends_at_once_when_the_server_stops(database_url: str, tmp_path: Path) -> None:
+    server = ServerProcess(database_url, log_dir=tmp_path)
+    server.start()
+    stream = RawStream(server.address, "streamed")
+    try:
+        assert stream.nothing_within(0.3)
+        began = time.monotonic()
+        server.stop()
+        with pytest.raises(grpc.RpcError) as ended:
+            stream.receive(timeout=10)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - began < 4, "the stream waited for gRPC's shutdown grace instead of ending"
+    finally:
+        stream.close()

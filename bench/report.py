@@ -2,68 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
-from bench.processes import ROOT
+from bench import results
 from bench.scenarios import RunResult, Scenario
-from bench.stats import spread
 
 PACKAGES = ("grpcio", "protobuf", "SQLAlchemy", "psycopg")
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-
-def _source_revision() -> dict[str, Any]:
-    """Which code was measured: the commit, and whether tracked files differed from it."""
-    try:
-        commit = _git("rev-parse", "HEAD").strip()
-        status = _git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": commit, "dirty": bool(status.strip())}
-
-
 def machine_info() -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "packages": {name.lower(): _package_version(name) for name in PACKAGES},
-        "source": _source_revision(),
-    }
+    return results.machine_info(PACKAGES)
 
 
 def scenario_report(scenario: Scenario, runs: Sequence[RunResult]) -> dict[str, Any]:
-    headline = [run.to_json()["latency"][scenario.headline_latency] for run in runs]
-    # Scenario-specific figures (idle RSS, the sustained phases' rates) are summarised like the rest.
-    figure_names = list(dict.fromkeys(name for run in runs for name in run.figures))
-    return {
-        "description": scenario.description,
-        "headline_latency": scenario.headline_latency,
-        "runs": [run.to_json() for run in runs],
-        "summary": {
-            "wall_s": spread([run.wall_s for run in runs]),
-            "tasks_per_s": spread([run.tasks_per_s for run in runs]),
-            "latency_p50_ms": spread([latency["p50_ms"] for latency in headline]),
-            "latency_p99_ms": spread([latency["p99_ms"] for latency in headline]),
-            **{name: spread([run.figures[name] for run in runs if name in run.figures]) for name in figure_names},
-        },
-    }
+    return results.scenario_summary(scenario.description, scenario.headline_latency, runs)
 
 
 # The summary keys every scenario has; any other key is a scenario-specific figure.

@@ -10,19 +10,22 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.stats import latency_summary, spread
+from bench.results import RunResult, scenario_summary
+
+# The runners take these from here with the rest of what they share.
+from bench.results import machine_info as machine_info
+from bench.results import millis_between as millis_between
+from bench.stats import latency_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_DIR = ROOT / "bench" / "peers"
@@ -34,29 +37,6 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@dataclass
-class RunResult:
-    """One measured run; `to_json` has the fields of the engine benchmark's runs."""
-
-    wall_s: float
-    tasks: int
-    latencies_ms: dict[str, list[float]]
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tasks_per_s(self) -> float:
-        return self.tasks / self.wall_s
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.wall_s, 4),
-            "tasks": self.tasks,
-            "tasks_per_s": round(self.tasks_per_s, 2),
-            "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
-            **self.details,
-        }
-
-
 @dataclass(frozen=True)
 class PeerScenario:
     name: str
@@ -66,7 +46,7 @@ class PeerScenario:
 
 
 def measure(scenario: PeerScenario, repeat: int) -> dict[str, Any]:
-    """Runs `scenario` `repeat` times and summarises it as `bench.report.scenario_report` does."""
+    """Runs `scenario` `repeat` times and summarises it as `python -m bench` does."""
     runs: list[RunResult] = []
     for number in range(1, repeat + 1):
         result = scenario.run()
@@ -76,53 +56,7 @@ def measure(scenario: PeerScenario, repeat: int) -> dict[str, Any]:
             f"{scenario.name} run {number}/{repeat}: {result.wall_s:.2f} s, {result.tasks_per_s:.0f} tasks/s, "
             f"{scenario.headline_latency} p50 {headline['p50_ms']:.1f} ms p99 {headline['p99_ms']:.1f} ms"
         )
-    headlines = [latency_summary(run.latencies_ms[scenario.headline_latency]) for run in runs]
-    return {
-        "description": scenario.description,
-        "headline_latency": scenario.headline_latency,
-        "runs": [run.to_json() for run in runs],
-        "summary": {
-            "wall_s": spread([run.wall_s for run in runs]),
-            "tasks_per_s": spread([run.tasks_per_s for run in runs]),
-            "latency_p50_ms": spread([latency["p50_ms"] for latency in headlines]),
-            "latency_p99_ms": spread([latency["p99_ms"] for latency in headlines]),
-        },
-    }
-
-
-def millis_between(earlier: datetime, later: datetime) -> float:
-    return (later - earlier).total_seconds() * 1000.0
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _source_revision() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-
-    try:
-        return {
-            "commit": git("rev-parse", "HEAD").strip(),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-        }
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-
-
-def machine_info(packages: Iterable[str]) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "packages": {name.lower(): _package_version(name) for name in packages},
-        "source": _source_revision(),
-    }
+    return scenario_summary(scenario.description, scenario.headline_latency, runs)
 
 
 def started_at() -> str:

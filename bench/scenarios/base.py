@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 from bench.aio_client import AsyncEngineClient, map_concurrently
-from bench.stats import latency_summary
+from bench.results import RunResult, millis_between
 from worker_sdk import EngineClient
 
 # States in which a pipeline may still change by itself (FAILED waits for a human: it is settled).
@@ -44,33 +43,6 @@ class ScenarioContext:
         return max(1, round(size * self.scale))
 
 
-@dataclass
-class RunResult:
-    wall_s: float
-    tasks: int
-    latencies_ms: dict[str, list[float]]
-    """Named latency samples; the scenario's `headline_latency` one goes in the table."""
-    details: dict[str, Any] = field(default_factory=dict)
-    """Other figures worth keeping (e.g. how long the Start calls took)."""
-    figures: dict[str, float] = field(default_factory=dict)
-    """Scenario-specific headline numbers (e.g. the engine's RSS): keys of the run's JSON, and
-    summarised (median, min, max over the runs) under the same keys in the scenario's summary."""
-
-    @property
-    def tasks_per_s(self) -> float:
-        return self.tasks / self.wall_s
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "wall_s": round(self.wall_s, 4),
-            "tasks": self.tasks,
-            "tasks_per_s": round(self.tasks_per_s, 2),
-            "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
-            **self.details,
-            **{name: round(value, 4) for name, value in self.figures.items()},
-        }
-
-
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -78,10 +50,6 @@ class Scenario:
     headline_latency: str
     """Which entry of `RunResult.latencies_ms` the summary table shows."""
     run: Callable[[ScenarioContext], RunResult]
-
-
-def millis_between(earlier: datetime, later: datetime) -> float:
-    return (later - earlier).total_seconds() * 1000.0
 
 
 def wait_until_settled(

@@ -617,8 +617,10 @@ class Engine:
 
     def release(self, tasks: Iterable[ClaimedTask]) -> None:
         """Claimed tasks that never reached their worker: offer them again now, not after their lease."""
+        before = len(self._releases)
         self._releases.extend(tasks)
-        self._kick.set()
+        if len(self._releases) > before:
+            self._kick.set()
 
     def _grow_poll(self, poll: _Poll, max_tasks: int) -> None:
         """A waiting poll may take more tasks (a stream got credit): re-try it against the database."""

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -380,16 +380,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         if not codes:
             raise InvalidArgument("component_codes is required: name the component codes this worker serves")
         tasks = await self.engine.poll_tasks(request.worker_id, codes, request.max_tasks, request.wait_ms)
-        response = worker_pb2.PollTasksResponse()
-        size = 0
-        for number, task in enumerate(tasks):
-            converted = converters.task_message(task)
-            size += converted.ByteSize() + 8
-            if number and size > self.max_message_bytes:
-                self.engine.release(tasks[number:])  # too big for one answer: offered again at once
-                break
-            response.tasks.append(converted)
-        return response
+        fitting = self._tasks_that_fit(tasks, used=0)
+        self.engine.release(tasks[len(fitting) :])  # too big for one answer: offered again at once
+        return worker_pb2.PollTasksResponse(tasks=fitting)
 
     @maps_errors
     async def Heartbeat(
@@ -487,17 +480,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServiceServicer):
         """What is waiting, up to a size the connection can carry; the rest stays for the next message."""
         message = worker_pb2.TaskStreamResponse(replies=outbox.replies)
         outbox.replies = []
-        size = message.ByteSize()
-        taken = 0
-        for task in outbox.tasks:
+        message.tasks.extend(self._tasks_that_fit(outbox.tasks, used=message.ByteSize()))
+        del outbox.tasks[: len(message.tasks)]
+        return message
+
+    def _tasks_that_fit(self, tasks: Sequence[ClaimedTask], *, used: int) -> list[worker_pb2.Task]:
+        """The first tasks (always at least one) whose messages fit beside `used` bytes in one gRPC message."""
+        fitting: list[worker_pb2.Task] = []
+        size = used
+        for task in tasks:
             converted = converters.task_message(task)
             size += converted.ByteSize() + 8  # field tag and length
-            if taken and size > self.max_message_bytes:
+            if fitting and size > self.max_message_bytes:
                 break
-            message.tasks.append(converted)
-            taken += 1
-        del outbox.tasks[:taken]
-        return message
+            fitting.append(converted)
+        return fitting
 
     def _take(self, request: worker_pb2.TaskStreamRequest, feed: TaskFeed, outbox: _Outbox) -> None:
         if request.credit > 0:

@@ -172,6 +172,9 @@ class TaskFeed:
         self._credit = 0
         self._has_credit = asyncio.Event()
         self._poll: _Poll | None = None
+        # The last claim took fewer tasks than it could: none were left then, and any enqueued since are in
+        # the engine's "maybe" codes, so the next poll need not try the database before something changes.
+        self._drained = False
 
     def add_credit(self, count: int) -> None:
         self._credit += count
@@ -190,11 +193,14 @@ class TaskFeed:
             await self._has_credit.wait()
             if self._engine._stopping:
                 raise Unavailable("the engine server is shutting down; connect to another")
-            self._poll = self._engine._new_poll(self._worker_id, self._codes, self._credit)
+            self._poll = poll = self._engine._new_poll(
+                self._worker_id, self._codes, self._credit, fresh=not self._drained
+            )
             try:
-                tasks = await self._engine._await_poll(self._poll, None)
+                tasks = await self._engine._await_poll(poll, None)
             finally:
                 self._poll = None
+            self._drained = len(tasks) < poll.max_tasks
             if tasks:
                 self._credit -= len(tasks)
                 if self._credit <= 0:
@@ -587,16 +593,20 @@ class Engine:
         self._feeds.add(feed)
         return feed
 
-    def _new_poll(self, worker_id: str, codes: Iterable[str], max_tasks: int, *, once: bool = False) -> _Poll:
+    def _new_poll(
+        self, worker_id: str, codes: Iterable[str], max_tasks: int, *, once: bool = False, fresh: bool = True
+    ) -> _Poll:
         poll = _Poll(
             codes=frozenset(codes),
             max_tasks=min(max(max_tasks, 1), self.settings.max_tasks_per_poll),
             worker_id=worker_id,
             future=asyncio.get_running_loop().create_future(),
+            fresh=fresh,
             once=once,
         )
         self._polls[id(poll)] = poll
-        self._kick.set()
+        if fresh or not poll.codes.isdisjoint(self._maybe_codes):
+            self._kick.set()
         return poll
 
     async def _await_poll(self, poll: _Poll, timeout: float | None) -> list[ClaimedTask]:

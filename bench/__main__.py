@@ -26,6 +26,7 @@ from typing import Any
 
 from bench.database import Database, fresh_database
 from bench.processes import EngineSetup, RunningEngine, running_engine
+from bench.procstat import cpu_seconds
 from bench.profiling import Profile, profiling
 from bench.report import machine_info, scenario_report, summary_table
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, RunResult, ScenarioContext
@@ -145,7 +146,12 @@ def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Nam
         scenario = SCENARIOS[name]
         runs: list[RunResult] = []
         for number in range(1, args.repeat + 1):
+            cpu_before = cpu_seconds(measured.server_pid) if measured.server_pid else None
             result = scenario.run(measured)
+            if cpu_before is not None and measured.server_pid and result.tasks:
+                # Steadier than wall time on a shared machine; includes the scenario's reads of the results.
+                server_cpu_s = cpu_seconds(measured.server_pid) - cpu_before
+                result.figures["server_cpu_ms_per_task"] = 1000 * server_cpu_s / result.tasks
             runs.append(result)
             latency = result.to_json()["latency"][scenario.headline_latency]
             progress(

@@ -109,6 +109,8 @@ class EngineMetrics:
             {"version": _package_version(), "python": platform.python_version()}
         )
         self._pipelines: _PipelinesByState | None = None
+        # labels() validates and hashes on every call; the engine asks for the same few children all the time.
+        self._children: dict[tuple[int, str], Any] = {}
 
     # ------------------------------------------------------------ called by the engine
 
@@ -138,11 +140,11 @@ class EngineMetrics:
             if operations:  # claim-only and re-check batches would drag "events per commit" towards zero
                 self.batch_operations.observe(operations)
             if writes.task_inserts:
-                _add(self.tasks_queued, Tally(task["component_code"] for task in writes.task_inserts))
+                self._add(self.tasks_queued, Tally(task["component_code"] for task in writes.task_inserts))
             if any(claims):
-                _add(self.tasks_claimed, Tally(task.component_code for claimed in claims for task in claimed))
+                self._add(self.tasks_claimed, Tally(task.component_code for claimed in claims for task in claimed))
             if expired_leases:
-                _add(self.lease_expiries, Tally(row.component_code for row in expired_leases))
+                self._add(self.lease_expiries, Tally(row.component_code for row in expired_leases))
             if writes.task_completions:
                 self._reported(writes.task_completions, reported_tasks, now_ms)
         except Exception:
@@ -159,12 +161,23 @@ class EngineMetrics:
             code = row.component_code
             (failed if completion["result_kind"] == FAILED else completed)[code] += 1
             latencies.setdefault(code, []).append(max(0, now_ms - row.available_at) / 1000)
-        _add(self.tasks_completed, completed)
-        _add(self.tasks_failed, failed)
+        self._add(self.tasks_completed, completed)
+        self._add(self.tasks_failed, failed)
         for code, seconds in latencies.items():
-            histogram = self.task_latency.labels(code)
+            histogram = self._child(self.task_latency, code)
             for value in seconds:
                 histogram.observe(value)
+
+    def _child(self, metric: Any, code: str) -> Any:
+        key = (id(metric), code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(code)
+        return child
+
+    def _add(self, counter: Counter, counts: Mapping[str, int]) -> None:
+        for code, count in counts.items():
+            self._child(counter, code).inc(count)
 
     # ------------------------------------------------------------ wired by the server
 
@@ -229,11 +242,6 @@ class _PipelinesByState(Collector):
     @staticmethod
     def _family() -> GaugeMetricFamily:
         return GaugeMetricFamily("engine_pipelines", "Pipelines in the database by state.", labels=["state"])
-
-
-def _add(counter: Counter, counts: Mapping[str, int]) -> None:
-    for code, count in counts.items():
-        counter.labels(code).inc(count)
 
 
 def _package_version() -> str:

@@ -7,12 +7,15 @@ which issues one executemany per kind of change.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import namedtuple
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BindParameter, Connection, Row, TextClause, bindparam, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from storage.database import create_database_engines
 from storage.migrate import prepare
@@ -100,6 +103,8 @@ class Store:
             url, sqlite_synchronous=sqlite_synchronous, pool_size=pool_size
         )
         self.dialect = self.writer.dialect.name
+        self._driver_dialect = _positional_dialect(self.writer.dialect)
+        self._driver_error: type[Exception] = self.writer.dialect.loaded_dbapi.Error
         self._node_upsert = self._build_node_upsert()
         self._build_statements()
         self._driver_plans: dict[tuple[int, tuple[str, ...]], _DriverPlan | None] = {}
@@ -415,27 +420,30 @@ class Store:
                 self._executemany(conn, statement, rows)
 
     def _executemany(self, conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> None:
-        """One statement for many rows. On SQLite the compiled SQL goes straight to the driver's executemany:
-        SQLAlchemy's per-row parameter processing cost about as much as SQLite itself on the hot path."""
-        plan = self._driver_plan(statement, rows[0]) if self.is_sqlite else None
+        """One statement for many rows. The compiled SQL goes straight to the driver's executemany: SQLAlchemy's
+        per-row parameter processing cost about as much as the database itself on the hot path."""
+        plan = self._driver_plan(statement, rows[0])
         if plan is None:
             conn.execute(statement, rows)
             return
         sql, names, constants = plan
         if constants:
             rows = [{**constants, **row} for row in rows]
-        conn.connection.driver_connection.executemany(  # type: ignore[union-attr]
-            sql, [tuple(row[name] for name in names) for row in rows]
-        )
+        values = [tuple(row[name] for name in names) for row in rows]
+        with self._driver_errors(sql, values):
+            conn.connection.driver_connection.cursor().executemany(sql, values)  # type: ignore[union-attr]
 
     def _query(self, conn: Connection, statement: Any, parameters: Mapping[str, Any]) -> list[Any]:
-        """All rows of a SELECT or an UPDATE ... RETURNING, as named tuples on SQLite (straight from the driver:
-        SQLAlchemy's execution costs ten times the query itself here) and as Rows elsewhere."""
-        plan = self._query_plan(statement, parameters) if self.is_sqlite else None
+        """All rows of a SELECT or an UPDATE ... RETURNING as named tuples, straight from the driver: SQLAlchemy's
+        execution cost ten times SQLite's own work for these small queries."""
+        plan = self._query_plan(statement, parameters)
         if plan is None:
             return list(conn.execute(statement, parameters))
-        cursor = conn.connection.driver_connection.execute(plan.sql, plan.values(parameters))  # type: ignore[union-attr]
-        rows = cursor.fetchall()
+        values = plan.values(parameters)
+        with self._driver_errors(plan.sql, values):
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            cursor.execute(plan.sql, values)
+            rows = cursor.fetchall()
         if plan.row_type is None:
             plan.row_type = namedtuple("Row", [column[0] for column in cursor.description])  # type: ignore[misc]
         return [plan.row_type._make(row) for row in rows]
@@ -447,7 +455,9 @@ class Store:
         key = (id(statement), shape)
         if key in self._query_plans:
             return self._query_plans[key]
-        compiled = statement.compile(dialect=self.writer.dialect)
+        if self._driver_dialect is None:
+            return None
+        compiled = statement.compile(dialect=self._driver_dialect)
         expanded = compiled.construct_expanded_state(dict(parameters))
         # Where each placeholder's value comes from: a parameter, an item of a list parameter, or the statement.
         sources: list[tuple[str, Any, int]] = []
@@ -475,17 +485,58 @@ class Store:
         self._query_plans[key] = plan
         return plan
 
+    @contextlib.contextmanager
+    def _driver_errors(self, sql: str, values: Any) -> Iterator[None]:
+        """Driver errors raised as SQLAlchemy's, as if SQLAlchemy had run the statement: the engine's retry
+        logic (locked database, lost connection, a replica's concurrent insert) tells them apart by those types."""
+        try:
+            yield
+        except self._driver_error as exc:
+            disconnected = self.writer.dialect.is_disconnect(exc, None, None)  # type: ignore[arg-type]
+            raise DBAPIError.instance(
+                sql, values, exc, self._driver_error, connection_invalidated=disconnected
+            ) from exc
+
     def _driver_plan(self, statement: Any, sample: dict[str, Any]) -> _DriverPlan | None:
-        """(SQL with ? placeholders, the parameter names in order, the statement's own constant values),
+        """(SQL with positional placeholders, the parameter names in order, the statement's own constant values),
         compiled once per statement and key set; None when the statement needs SQLAlchemy at execution."""
         key = (id(statement), tuple(sample))
         if key not in self._driver_plans:
-            compiled = statement.compile(dialect=self.writer.dialect, column_keys=list(sample))
+            if self._driver_dialect is None:
+                return None
+            compiled = statement.compile(dialect=self._driver_dialect, column_keys=list(sample))
             names = compiled.positiontup
             plan: _DriverPlan | None = None
             if names is not None and not compiled.literal_execute_params:
-                constants = {name: compiled.params.get(name) for name in names if name not in sample}
+                constants = {
+                    name: _column_default(statement, name)
+                    if compiled.params.get(name) is None
+                    else compiled.params[name]
+                    for name in names
+                    if name not in sample
+                }
                 if all(value is not None for value in constants.values()):
                     plan = (compiled.string, tuple(names), constants)
             self._driver_plans[key] = plan
         return self._driver_plans[key]
+
+
+def _column_default(statement: Any, name: str) -> Any:
+    """An INSERT's fixed default for a column the rows leave out (None when it has none, or a computed one)."""
+    table = getattr(statement, "table", None)
+    column = table.c.get(name) if table is not None else None
+    default = column.default if column is not None else None
+    return default.arg if default is not None and default.is_scalar else None
+
+
+def _positional_dialect(dialect: Any) -> Any:
+    """The dialect to compile hot-path statements with for the driver's own execute: SQLite's as it is
+    (qmark), psycopg's switched to positional %s; None for other drivers (SQLAlchemy runs everything)."""
+    if dialect.driver == "pysqlite":
+        return dialect
+    if dialect.driver == "psycopg":
+        positional = copy.copy(dialect)
+        positional.paramstyle = "format"
+        positional.positional = True
+        return positional
+    return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine_server.core.expressions import (
@@ -41,6 +41,7 @@ from engine_server.core.model import (
     PipelineState,
     Snapshot,
     VarSpec,
+    evolve,
 )
 from engine_server.core.states import ACTIVE_NODE_STATES, can_transition, can_transition_pipeline
 
@@ -359,7 +360,7 @@ class _Step:
     def decision(self) -> Decision:
         if self.rejection is not None:
             return Decision(self.old, rejection=self.rejection)
-        snapshot = replace(
+        snapshot = evolve(
             self.old,
             state=self.state,
             nodes=self.nodes,
@@ -556,7 +557,7 @@ class _Step:
             return
         outputs = {**run.outputs, **event.outputs}
         if event.poll_after_ms > 0:
-            run = replace(run, outputs=outputs, schedule_times=run.schedule_times + 1, awaiting_callback=False)
+            run = evolve(run, outputs=outputs, schedule_times=run.schedule_times + 1, awaiting_callback=False)
             self.put(run)
             self.offer(run, TaskKind.SCHEDULE, available_at=self.now + event.poll_after_ms)
             return
@@ -564,14 +565,14 @@ class _Step:
             queued = self.callbacks.get(run.node_id, ())
             if queued:  # a callback arrived while the worker handled the previous one
                 self.set_callbacks(run.node_id, queued[1:])
-                self.deliver_callback(replace(run, outputs=outputs), queued[0])
+                self.deliver_callback(evolve(run, outputs=outputs), queued[0])
             else:
                 self.forget_callbacks(run.node_id)
-                self.put(replace(run, outputs=outputs, awaiting_callback=True))
+                self.put(evolve(run, outputs=outputs, awaiting_callback=True))
             return
         self.forget_callbacks(run.node_id)
         outputs["_result"] = True
-        done = replace(run, state=NodeState.FINISHED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
+        done = evolve(run, state=NodeState.FINISHED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         self.put(done)
         self.write_outputs(run.node_id, outputs)
         self.move_on(done)
@@ -586,7 +587,7 @@ class _Step:
         node = self.tree.nodes[run.node_id]
         self.forget_callbacks(run.node_id)
         outputs = {**run.outputs, **event.outputs, "_result": False, "ex_data": event.message}
-        failed = replace(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
+        failed = evolve(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         retry_budget = node.auto_retry_times or (event.transient_retry_budget if event.retryable else 0)
         if run.retry < retry_budget:
             delay = max(event.retry_after_ms, node.auto_retry_interval_ms)
@@ -594,7 +595,7 @@ class _Step:
             return
         self.write_outputs(run.node_id, outputs)
         if node.error_ignorable:
-            ignored = replace(failed, state=NodeState.FINISHED, error_ignored=True)
+            ignored = evolve(failed, state=NodeState.FINISHED, error_ignored=True)
             self.put(ignored)
             self.move_on(ignored)
             return
@@ -606,7 +607,7 @@ class _Step:
         """The failed attempt goes to history; a new attempt with the same inputs runs."""
         self.histories.append(failed)
         self.put(failed)  # records the FAILED step for watchers
-        attempt = replace(
+        attempt = evolve(
             failed,
             state=NodeState.RUNNING,
             version=self.new_version(),
@@ -698,7 +699,7 @@ class _Step:
         )
         if loop > self.old.rerun_limit:
             self.fail(
-                replace(run, state=NodeState.RUNNING, finished_at=0, outputs={}),
+                evolve(run, state=NodeState.RUNNING, finished_at=0, outputs={}),
                 f"node {node.id!r} was entered {loop} times, over the rerun limit of {self.old.rerun_limit}",
             )
             return None
@@ -707,7 +708,7 @@ class _Step:
 
     def fail(self, run: NodeRun, message: str) -> None:
         self.put(
-            replace(
+            evolve(
                 run,
                 state=NodeState.FAILED,
                 finished_at=self.now,
@@ -727,7 +728,7 @@ class _Step:
             return
         inputs["_loop"] = run.loop
         inputs["_inner_loop"] = run.inner_loop
-        run = replace(run, inputs=inputs)
+        run = evolve(run, inputs=inputs)
         self.put(run)
         self.offer(run, TaskKind.EXECUTE, available_at=self.now)
 
@@ -744,7 +745,7 @@ class _Step:
         assert child is not None
         try:
             params = {key: self.render_var(parent, var) for key, var in node.params.items()}
-            self.put(replace(run, inputs=params))
+            self.put(evolve(run, inputs=params))
             self.enter_scope(node.id, params)
         except (ExpressionError, VariableError, LazyError, KeyError) as exc:
             self.fail(self.nodes[node.id], f"cannot render the params of subprocess {node.id!r}: {_describe(exc)}")
@@ -770,7 +771,7 @@ class _Step:
             self.set_pipeline_state(PipelineState.FINISHED)
             return
         subprocess_run = self.nodes[scope]
-        done = replace(
+        done = evolve(
             subprocess_run,
             state=NodeState.FINISHED,
             outputs={**outputs, "_result": True},
@@ -830,9 +831,9 @@ class _Step:
                     "exactly one must hold",
                 )
                 return []
-            self.put(replace(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True}))
+            self.put(evolve(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True}))
             return [_Arrival(self.tree.flows[taken[0]].target, forks)]
-        self.put(replace(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True}))
+        self.put(evolve(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True}))
         self.open_join(node.id, len(taken))
         return [_Arrival(self.tree.flows[flow_id].target, (*forks, node.id)) for flow_id in taken]
 
@@ -912,7 +913,7 @@ class _Step:
             for node_id, run in self.nodes.items()
             if run.state is NodeState.FAILED
         ]
-        self.failure_handler = replace(handler, state="RUNNING")
+        self.failure_handler = evolve(handler, state="RUNNING")
         self.runtime_changed = True
         self.commands.append(
             OfferTask(
@@ -936,7 +937,7 @@ class _Step:
         if handler is None or handler.state != "RUNNING" or version != FAILURE_HANDLER_VERSION:
             self.reject("failed_precondition", "the pipeline's failure handler is not running")
             return
-        self.failure_handler = replace(handler, state=state, outputs=outputs)
+        self.failure_handler = evolve(handler, state=state, outputs=outputs)
         self.runtime_changed = True
 
     # ------------------------------------------------------------ control operations
@@ -1038,7 +1039,7 @@ class _Step:
             run = self.nodes[scope]
             if run.state is NodeState.FAILED:
                 outputs = {k: v for k, v in run.outputs.items() if k not in ("ex_data", "_result")}
-                self.put(replace(run, state=NodeState.RUNNING, finished_at=0, outputs=outputs))
+                self.put(evolve(run, state=NodeState.RUNNING, finished_at=0, outputs=outputs))
             scope = self.tree.scope_of[scope]
         if self.state is PipelineState.FAILED:
             self.set_pipeline_state(PipelineState.RUNNING)
@@ -1056,7 +1057,7 @@ class _Step:
                     f"subprocess {event.scope!r} is {run.state.value}; only a RUNNING one can be paused",
                 )
                 return
-            self.put(replace(run, state=NodeState.SUSPENDED))
+            self.put(evolve(run, state=NodeState.SUSPENDED))
             return
         if self.state is PipelineState.FAILED:
             self.reject(
@@ -1079,7 +1080,7 @@ class _Step:
                     f"subprocess {event.scope!r} is {run.state.value}; only a SUSPENDED one can be resumed",
                 )
                 return
-            self.put(replace(run, state=NodeState.RUNNING))
+            self.put(evolve(run, state=NodeState.RUNNING))
         elif self.state is PipelineState.SUSPENDED:
             self.set_pipeline_state(PipelineState.RUNNING)
         elif self.state is PipelineState.RUNNING:
@@ -1105,7 +1106,7 @@ class _Step:
                 self.reject("failed_precondition", f"subprocess {event.scope!r} is FINISHED, so it cannot be revoked")
                 return
             self.revoke_nodes(lambda node_id: self.inside(node_id, event.scope), event.reason)
-            self.put(replace(self.nodes[event.scope], state=NodeState.REVOKED, finished_at=self.now))
+            self.put(evolve(self.nodes[event.scope], state=NodeState.REVOKED, finished_at=self.now))
             return
         self.revoke_nodes(lambda node_id: True, event.reason)
         self.set_pipeline_state(PipelineState.REVOKED)
@@ -1129,7 +1130,7 @@ class _Step:
                 continue
             if self.tree.nodes[node_id].type in TASK_NODES and run.state is NodeState.RUNNING:
                 self.commands.append(CancelTasks(node_id, run.version, reason))
-            self.put(replace(run, state=NodeState.REVOKED, finished_at=self.now, awaiting_callback=False))
+            self.put(evolve(run, state=NodeState.REVOKED, finished_at=self.now, awaiting_callback=False))
             self.forget_callbacks(node_id)
         kept = [(node_id, forks) for node_id, forks in self.parked if not selected(node_id)]
         if len(kept) != len(self.parked):
@@ -1179,7 +1180,7 @@ class _Step:
     def reattempt(self, old: NodeRun, state: NodeState) -> NodeRun:
         """A new attempt of a node in the same loop (retry): the old one goes to history."""
         self.histories.append(old)
-        return replace(
+        return evolve(
             old,
             state=state,
             version=self.new_version(),
@@ -1212,7 +1213,7 @@ class _Step:
         if node.type in TASK_NODES:
             inputs = dict(run.inputs) if event.inputs is None else {**event.inputs}
             inputs.update(_loop=run.loop, _inner_loop=run.inner_loop)
-            attempt = replace(self.reattempt(run, NodeState.RUNNING), inputs=inputs)
+            attempt = evolve(self.reattempt(run, NodeState.RUNNING), inputs=inputs)
             self.put(attempt)
             self.offer(attempt, TaskKind.EXECUTE, available_at=self.now)
             return
@@ -1224,7 +1225,7 @@ class _Step:
         if node.type in (NodeType.EXCLUSIVE_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY):
             self.walk(self.choose_branches(node, run.forks, run))
         else:  # any other node the engine evaluates: finish it again and move on
-            done = replace(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True})
+            done = evolve(run, state=NodeState.FINISHED, finished_at=self.now, outputs={"_result": True})
             self.put(done)
             self.move_on(done)
 
@@ -1252,7 +1253,7 @@ class _Step:
             return
         self.reopen_levels(node.id)
         self.forget_callbacks(node.id)
-        done = replace(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
+        done = evolve(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
         self.put(done)  # a skipped node's outputs are not copied to the variables
         self.move_on(done)
 
@@ -1270,7 +1271,7 @@ class _Step:
             )
             return None
         self.reopen_levels(node_id)
-        done = replace(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
+        done = evolve(run, state=NodeState.FINISHED, skip=True, finished_at=self.now)
         self.put(done)
         return done
 
@@ -1298,10 +1299,10 @@ class _Step:
         self.commands.append(CancelTasks(run.node_id, run.version, message))
         self.forget_callbacks(run.node_id)
         outputs = {**run.outputs, "_result": False, "ex_data": message, "_forced_failed": True}
-        failed = replace(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
+        failed = evolve(run, state=NodeState.FAILED, outputs=outputs, finished_at=self.now, awaiting_callback=False)
         self.put(failed)
         if skip:
-            done = replace(failed, state=NodeState.FINISHED, skip=True)
+            done = evolve(failed, state=NodeState.FINISHED, skip=True)
             self.put(done)
             self.move_on(done)
 
@@ -1326,7 +1327,7 @@ class _Step:
 
     def deliver_callback(self, run: NodeRun, data: Any) -> None:
         """Offers callback data to the worker as a schedule task; until it answers, more callbacks queue."""
-        attempt = replace(run, awaiting_callback=False, schedule_times=run.schedule_times + 1)
+        attempt = evolve(run, awaiting_callback=False, schedule_times=run.schedule_times + 1)
         self.set_callbacks(run.node_id, self.callbacks.get(run.node_id, ()))
         self.put(attempt)
         self.offer(attempt, TaskKind.SCHEDULE, available_at=self.now, callback_data=data)

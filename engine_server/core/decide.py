@@ -13,18 +13,15 @@ converge gateway that merges exclusive branches simply lets each arrival through
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine_server.core.expressions import (
-    Condition,
     ExpressionError,
-    Splice,
-    compile_condition,
-    compile_splice,
+    cached_condition,
+    cached_splice,
 )
 from engine_server.core.lazy import LazyError, resolve_lazy
 from engine_server.core.model import (
@@ -293,14 +290,8 @@ _HANDLERS: dict[type[Any], str] = {
 }
 
 
-@functools.lru_cache(maxsize=4096)
-def _condition(text: str) -> Condition:
-    return compile_condition(text)
-
-
-@functools.lru_cache(maxsize=16384)
-def _splice(text: str) -> Splice:
-    return compile_splice(text)
+_condition = cached_condition
+_splice = cached_splice
 
 
 RETRYABLE_TYPES = frozenset(

@@ -861,12 +861,17 @@ def compile_splice(text: str) -> Splice:
     return Splice(text, frozenset(names), tuple(parts))
 
 
-_cached_compile = lru_cache(maxsize=1024)(compile_splice)
+_cached_compile = lru_cache(maxsize=16_384)(compile_splice)
 _CACHED_TEXT_LENGTH: Final = 4_096  # longer texts are compiled each time rather than kept in the cache
 
 
-def _splice(text: str) -> Splice:
+def cached_splice(text: str) -> Splice:
+    """compile_splice, remembered by text: pipelines started from similar trees repeat the same inputs, and the
+    compiled Splice is immutable."""
     return _cached_compile(text) if len(text) <= _CACHED_TEXT_LENGTH else compile_splice(text)
+
+
+_splice = cached_splice
 
 
 def render_value(value: Any, lookup: Lookup) -> Any:
@@ -1346,3 +1351,11 @@ def _int_or_none(value: Any) -> int | None:
         except ValueError:
             return None
     return None
+
+
+_cached_condition = lru_cache(maxsize=4_096)(compile_condition)
+
+
+def cached_condition(text: str) -> Condition:
+    """compile_condition, remembered by text (a Condition is immutable)."""
+    return _cached_condition(text) if len(text) <= _CACHED_TEXT_LENGTH else compile_condition(text)

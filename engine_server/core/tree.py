@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from engine_server.core.expressions import ExpressionError, compile_condition, compile_splice, splice_names
+from engine_server.core.expressions import ExpressionError, cached_condition, cached_splice, splice_names
 from engine_server.core.lazy import LAZY_RESOLVERS
 from engine_server.core.model import (
     DIVERGING_GATEWAYS,
@@ -24,6 +24,7 @@ from engine_server.core.model import (
     PipelineSpec,
     TreeIndex,
     VarSpec,
+    evolve,
 )
 
 VARIABLE_TYPES = frozenset({"plain", "splice", "lazy"})
@@ -98,7 +99,7 @@ def parse_tree(raw: Any, *, cycle_tolerate: bool = False) -> PipelineSpec:
     index = _build_index(scopes, converges, problems)
     if problems:
         raise TreeError(problems)
-    return replace(root, index=index)
+    return evolve(root, index=index)
 
 
 def check_variables(spec: PipelineSpec, preset_keys: Iterable[str] = ()) -> list[Problem]:
@@ -127,7 +128,7 @@ def check_variables(spec: PipelineSpec, preset_keys: Iterable[str] = ()) -> list
             for key, var in node.params.items():
                 check(_var_names(var), f"param {key} of subprocess {node.id!r}", node.id)
             for flow_id, text in node.conditions.items():
-                check(compile_condition(text).names, f"the condition of flow {flow_id!r} ({text!r})", node.id)
+                check(cached_condition(text).names, f"the condition of flow {flow_id!r} ({text!r})", node.id)
     return problems
 
 
@@ -315,7 +316,7 @@ class _TreeParser:
             times = _non_negative_int(auto_retry.get("times", 0))
             interval_ms = _non_negative_int(auto_retry.get("interval", 0)) * 1000
         timeout_ms, timeout_skips = self._timeout(spec, node.get("timeout_config"))
-        return replace(
+        return evolve(
             spec,
             component_code=component["code"],
             component_version=str(component.get("version") or "legacy"),
@@ -360,7 +361,7 @@ class _TreeParser:
                 )
                 continue
             try:
-                compile_condition(text)
+                cached_condition(text)
             except ExpressionError as exc:
                 self.problem(
                     "bad_expression",
@@ -372,7 +373,7 @@ class _TreeParser:
             conditions[flow_id] = text
         default = node.get("default_condition") or {}
         default_flow = default.get("flow_id", "") if isinstance(default, dict) else ""
-        return replace(spec, conditions=conditions, default_flow=default_flow or "")
+        return evolve(spec, conditions=conditions, default_flow=default_flow or "")
 
     def _with_subprocess(self, spec: NodeSpec, node: dict[str, Any]) -> NodeSpec:
         child_raw = node.get("pipeline")
@@ -386,7 +387,7 @@ class _TreeParser:
                         f"subprocess {spec.id!r} is given param {key}, which its pipeline does not define",
                         node_id=spec.id,
                     )
-        return replace(spec, subprocess=child, params=params)
+        return evolve(spec, subprocess=child, params=params)
 
     def _parse_vars(self, raw: Any, *, where: str, node_id: str = "") -> dict[str, VarSpec]:
         if not isinstance(raw, dict):
@@ -425,7 +426,7 @@ class _TreeParser:
         value = var.get("value")
         if var_type != "plain" and not sources:
             try:
-                compile_splice(value) if isinstance(value, str) else splice_names(value)
+                cached_splice(value) if isinstance(value, str) else splice_names(value)
             except ExpressionError as exc:
                 self.problem("bad_expression", f"{where}: {key!r}: {exc}", node_id=node_id)
                 return None

@@ -67,9 +67,6 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engin
         if writer:
             # Checkpoints run on a background connection (Store.checkpoint), not inside the writer's commits.
             cursor.execute("PRAGMA wal_autocheckpoint=0")
-            # 64 MiB of pages instead of SQLite's 2 MiB: the running pipelines' rows and the indexes' hot ends stay
-            # in memory as the tables grow, instead of being read back from the OS on every batch.
-            cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -200,7 +200,7 @@ class TaskFeed:
                 tasks = await self._engine._await_poll(poll, None)
             finally:
                 self._poll = None
-            self._drained = len(tasks) < poll.max_tasks
+            self._drained = poll.drained
             if tasks:
                 self._credit -= len(tasks)
                 if self._credit <= 0:
@@ -265,6 +265,8 @@ class _Poll:
     fresh: bool = True
     # wait_ms == 0: answer after the first try, empty or not.
     once: bool = False
+    # The claim that answered it took fewer tasks than its limit then: none of its codes were left.
+    drained: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -821,6 +823,8 @@ class Engine:
         for poll, request, claimed in zip(polls, requests, result.claims, strict=True):
             if poll.max_tasks == request.limit:
                 poll.fresh = False
+            # Against the limit this claim used: a stream may have been granted more credit meanwhile.
+            poll.drained = len(claimed) < request.limit
             if len(claimed) < request.limit:
                 maybe -= poll.codes
             if claimed:

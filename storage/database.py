@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -73,8 +75,13 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engin
     def _begin(connection: Any) -> None:
         # The writer takes the write lock at BEGIN, so it is never upgraded mid-transaction (SQLITE_BUSY);
         # readers see a consistent WAL snapshot without blocking it.
-        # Straight to the driver: SQLAlchemy's execution path costs more than the BEGIN itself.
-        connection.connection.driver_connection.execute("BEGIN IMMEDIATE" if writer else "BEGIN")
+        # Straight to the driver: SQLAlchemy's execution path costs more than the BEGIN itself. Its errors (a
+        # locked database) are raised as SQLAlchemy's, which the engine's batch retry recognises.
+        statement = "BEGIN IMMEDIATE" if writer else "BEGIN"
+        try:
+            connection.connection.driver_connection.execute(statement)
+        except sqlite3.Error as exc:
+            raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
 
     return engine
 

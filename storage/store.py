@@ -430,8 +430,9 @@ class Store:
         if constants:
             rows = [{**constants, **row} for row in rows]
         values = [tuple(row[name] for name in names) for row in rows]
-        with self._driver_errors(sql, values):
-            conn.connection.driver_connection.cursor().executemany(sql, values)  # type: ignore[union-attr]
+        driver = conn.connection.driver_connection
+        with self._driver_errors(sql, values, driver):
+            driver.cursor().executemany(sql, values)  # type: ignore[union-attr]
 
     def _query(self, conn: Connection, statement: Any, parameters: Mapping[str, Any]) -> list[Any]:
         """All rows of a SELECT or an UPDATE ... RETURNING as named tuples, straight from the driver: SQLAlchemy's
@@ -440,8 +441,9 @@ class Store:
         if plan is None:
             return list(conn.execute(statement, parameters))
         values = plan.values(parameters)
-        with self._driver_errors(plan.sql, values):
-            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        driver = conn.connection.driver_connection
+        with self._driver_errors(plan.sql, values, driver):
+            cursor = driver.cursor()  # type: ignore[union-attr]
             cursor.execute(plan.sql, values)
             rows = cursor.fetchall()
         if plan.row_type is None:
@@ -486,13 +488,13 @@ class Store:
         return plan
 
     @contextlib.contextmanager
-    def _driver_errors(self, sql: str, values: Any) -> Iterator[None]:
+    def _driver_errors(self, sql: str, values: Any, driver_connection: Any) -> Iterator[None]:
         """Driver errors raised as SQLAlchemy's, as if SQLAlchemy had run the statement: the engine's retry
         logic (locked database, lost connection, a replica's concurrent insert) tells them apart by those types."""
         try:
             yield
         except self._driver_error as exc:
-            disconnected = self.writer.dialect.is_disconnect(exc, None, None)  # type: ignore[arg-type]
+            disconnected = self.writer.dialect.is_disconnect(exc, driver_connection, None)  # type: ignore[arg-type]
             raise DBAPIError.instance(
                 sql, values, exc, self._driver_error, connection_invalidated=disconnected
             ) from exc

@@ -6,11 +6,13 @@ exception types, which the engine's batch retry tells apart (a replica's concurr
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from storage.schema import QUEUED
 from storage.store import Store, WriteSet
@@ -66,3 +68,21 @@ def test_a_duplicate_insert_through_the_driver_raises_sqlalchemys_integrity_erro
 
     with store.writer.connect() as conn, conn.begin():  # the failed transaction left nothing behind
         assert list(store.load_tasks(conn, ["t1"])) == ["t1"]
+
+
+def test_begin_on_a_locked_sqlite_database_raises_sqlalchemys_operational_error(tmp_path: Path) -> None:
+    """The engine retries a batch on SQLAlchemy's OperationalError ("database is locked"), not on sqlite3's."""
+    path = tmp_path / "engine.db"
+    store = Store(f"sqlite:///{path}")
+    store.prepare_schema()
+    other_writer = sqlite3.connect(path, isolation_level=None)
+    other_writer.execute("BEGIN IMMEDIATE")
+    try:
+        with store.writer.connect() as conn:
+            conn.connection.driver_connection.execute("PRAGMA busy_timeout=50")  # type: ignore[union-attr]
+            with pytest.raises(OperationalError, match="database is locked"), conn.begin():
+                pass
+    finally:
+        other_writer.rollback()
+        other_writer.close()
+        store.dispose()

@@ -29,6 +29,7 @@ from bench.processes import EngineSetup, RunningEngine, running_engine
 from bench.procstat import cpu_seconds
 from bench.profiling import Profile, profiling
 from bench.report import machine_info, scenario_report, summary_table
+from bench.runtime import positive_int, progress
 from bench.scenarios import DEFAULT_SCENARIOS, SCENARIOS, RunResult, ScenarioContext
 
 # A tiny run of each chosen scenario before measuring, so the first measured run does not pay for
@@ -45,15 +46,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=sorted(SCENARIOS),
         help="a scenario to run (repeatable; default: " + ", ".join(s.name for s in DEFAULT_SCENARIOS) + ")",
     )
-    parser.add_argument("--repeat", type=_positive_int, default=3, help="runs of each scenario (default 3)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="runs of each scenario (default 3)")
     parser.add_argument(
         "--db",
         metavar="URL",
         help="sqlite:////abs/path.db (must not exist yet) or postgresql://user@host:port/db, where a fresh "
         "database is created for the run and dropped after (default: a new SQLite file in a temp dir)",
     )
-    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--concurrency", type=_positive_int, default=64, help="tasks in flight per worker (default 64)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--concurrency", type=positive_int, default=64, help="tasks in flight per worker (default 64)")
     parser.add_argument(
         "--sqlite-synchronous",
         type=str.upper,
@@ -81,7 +82,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--client-processes",
-        type=_positive_int,
+        type=positive_int,
         help="load-generating client processes of the sustained scenario (default: 1 for the saturated "
         "phase, as many as the half-rate phase's target rate needs)",
     )
@@ -97,22 +98,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def run_scenarios(

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bench.processes import ROOT
+from bench.runtime import positive_int, progress
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -60,7 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[comparison.scenario for comparison in COMPARISONS],
         help="a scenario to compare (repeatable; default: all)",
     )
-    parser.add_argument("--repeat", type=_positive_int, default=3, help="runs of each scenario, per system (default 3)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="runs of each scenario, per system (default 3)")
     parser.add_argument(
         "--db",
         action="append",
@@ -75,17 +76,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", metavar="PATH", help="also write the JSON document to PATH")
     return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 class ChildFailed(RuntimeError):

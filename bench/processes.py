@@ -6,12 +6,9 @@ must never leave a server holding a port or a database open.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,9 +18,9 @@ from pathlib import Path
 
 import grpc
 
+from bench.runtime import ChildProcess
+
 ROOT = Path(__file__).resolve().parents[1]
-_STOP_TIMEOUT = 15.0
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The SDK logs "worker <id> serving <codes> from <target>" (codes in any order) just before its first
 # poll: from then on the worker takes tasks.
 _WORKER_READY_LINE = re.compile(r" serving (?=[^\n]*\bnoop\b)(?=[^\n]*\bawait_callback\b)[^\n]* from ")
@@ -35,14 +32,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the benchmark dies, even by SIGKILL,
-    since outside the benchmark's process group nothing else would stop it."""
-    if sys.platform == "linux":
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _child_env() -> dict[str, str]:
     # ENGINE_* variables of the caller's shell would silently change the server under test.
     env = {key: value for key, value in os.environ.items() if not key.startswith("ENGINE_")}
@@ -51,47 +40,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-class ChildProcess:
-    """A Python module run as a child process, with stdout and stderr in `log_path`."""
-
-    def __init__(self, name: str, module_args: Sequence[str], log_path: Path) -> None:
-        self.name = name
-        self.command = [sys.executable, "-m", *module_args]
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=ROOT,
-                env=_child_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Its own process group: Ctrl-C reaches only the benchmark, which then stops the
-                # children in order, instead of the server vanishing under a running scenario.
-                process_group=0,
-                preexec_fn=_die_with_parent,
-            )
-
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+def _python_module(name: str, module_args: Sequence[str], log_path: Path) -> ChildProcess:
+    """A Python module of this checkout run as a child process, with stdout and stderr in `log_path`."""
+    return ChildProcess(name, [sys.executable, "-m", *module_args], log_path, cwd=ROOT, env=_child_env())
 
 
 def _wait_until_serving(server: ChildProcess, address: str, timeout: float) -> None:
@@ -150,7 +101,7 @@ class RunningEngine:
 @contextmanager
 def running_engine(setup: EngineSetup, *, start_timeout: float = 30.0) -> Iterator[RunningEngine]:
     address = f"127.0.0.1:{free_port()}"
-    server = ChildProcess(
+    server = _python_module(
         "engine server",
         [
             "engine_server",
@@ -164,7 +115,7 @@ def running_engine(setup: EngineSetup, *, start_timeout: float = 30.0) -> Iterat
         setup.log_dir / "server.log",
     )
     workers = [
-        ChildProcess(
+        _python_module(
             f"worker {n}",
             ["bench.worker", "--target", address, "--concurrency", str(setup.concurrency)],
             setup.log_dir / f"worker-{n}.log",

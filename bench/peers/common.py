@@ -7,14 +7,10 @@ this runs under `.venv-peers/bin/python`, where the project's dependencies are n
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,16 +21,13 @@ from bench.results import RunResult, scenario_summary
 # The runners take these from here with the rest of what they share.
 from bench.results import machine_info as machine_info
 from bench.results import millis_between as millis_between
+from bench.runtime import ChildProcess as ChildProcess
+from bench.runtime import positive_int as positive_int
+from bench.runtime import progress as progress
 from bench.stats import latency_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERS_DIR = ROOT / "bench" / "peers"
-STOP_TIMEOUT = 15.0
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -61,58 +54,6 @@ def measure(scenario: PeerScenario, repeat: int) -> dict[str, Any]:
 
 def started_at() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the runner dies, even by SIGKILL."""
-    if sys.platform == "linux":
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class ChildProcess:
-    """A command run as a child process in its own process group, with stdout and stderr in `log_path`."""
-
-    def __init__(self, name: str, command: Sequence[str], log_path: Path, *, cwd: Path, env: Mapping[str, str]) -> None:
-        self.name = name
-        self.command = list(command)
-        self.log_path = log_path
-        self.cwd = cwd
-        self.env = dict(env)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=self.cwd,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                # Ctrl-C reaches only the runner, which then stops its children in order.
-                process_group=0,
-                preexec_fn=_die_with_parent,
-            )
-
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self) -> None:
-        """SIGTERM (Celery's warm shutdown), then SIGKILL to the whole group if it has not exited in time."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # The group, so that pool children of a prefork worker go too.
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def check_alive(processes: Iterable[ChildProcess]) -> None:
@@ -148,10 +89,3 @@ def run_main(build_document: Callable[[], dict[str, Any]]) -> int:
     print(json.dumps(document, indent=2), flush=True)
     progress(f"(total {time.monotonic() - began:.0f} s)")
     return 0
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
-    return value

@@ -83,14 +83,10 @@ TASK_COLUMNS = (
 )
 
 
-# SQL with ? placeholders, the parameter names in order, and values the statement itself fixes.
-_DriverPlan = tuple[str, tuple[str, ...], dict[str, Any]]
-
-
 @dataclass
-class _QueryPlan:
-    """A SELECT or RETURNING statement for the SQLite driver: SQL with ? placeholders, a function picking
-    the positional values out of the caller's parameters, and the row type (made at the first execution)."""
+class _DriverPlan:
+    """A statement compiled for the driver's own execute: SQL with positional placeholders, a function picking
+    the values out of the caller's parameters, and the row type of a query (made at its first execution)."""
 
     sql: str
     values: Callable[[Mapping[str, Any]], tuple[Any, ...]]
@@ -107,8 +103,7 @@ class Store:
         self._driver_error: type[Exception] = self.writer.dialect.loaded_dbapi.Error
         self._node_upsert = self._build_node_upsert()
         self._build_statements()
-        self._driver_plans: dict[tuple[int, tuple[str, ...]], _DriverPlan | None] = {}
-        self._query_plans: dict[tuple[int, tuple[tuple[str, int], ...]], _QueryPlan | None] = {}
+        self._driver_plans: dict[tuple[int, tuple[tuple[str, int], ...]], _DriverPlan | None] = {}
 
     @property
     def is_sqlite(self) -> bool:
@@ -426,18 +421,15 @@ class Store:
         if plan is None:
             conn.execute(statement, rows)
             return
-        sql, names, constants = plan
-        if constants:
-            rows = [{**constants, **row} for row in rows]
-        values = [tuple(row[name] for name in names) for row in rows]
+        values = [plan.values(row) for row in rows]
         driver = conn.connection.driver_connection
-        with self._driver_errors(sql, values, driver):
-            driver.cursor().executemany(sql, values)  # type: ignore[union-attr]
+        with self._driver_errors(plan.sql, values, driver):
+            driver.cursor().executemany(plan.sql, values)  # type: ignore[union-attr]
 
     def _query(self, conn: Connection, statement: Any, parameters: Mapping[str, Any]) -> list[Any]:
         """All rows of a SELECT or an UPDATE ... RETURNING as named tuples, straight from the driver: SQLAlchemy's
         execution cost ten times SQLite's own work for these small queries."""
-        plan = self._query_plan(statement, parameters)
+        plan = self._driver_plan(statement, parameters)
         if plan is None:
             return list(conn.execute(statement, parameters))
         values = plan.values(parameters)
@@ -450,18 +442,20 @@ class Store:
             plan.row_type = namedtuple("Row", [column[0] for column in cursor.description])  # type: ignore[misc]
         return [plan.row_type._make(row) for row in rows]
 
-    def _query_plan(self, statement: Any, parameters: Mapping[str, Any]) -> _QueryPlan | None:
-        """Compiled once per statement and shape of parameters (the length of each list, whose items become
-        one placeholder each); None when SQLAlchemy must run it."""
+    def _driver_plan(self, statement: Any, parameters: Mapping[str, Any]) -> _DriverPlan | None:
+        """Compiled once per statement and shape of parameters (their names, and the length of each list, whose
+        items become one placeholder each); None when SQLAlchemy must run the statement."""
         shape = tuple((name, len(value) if isinstance(value, list) else -1) for name, value in parameters.items())
         key = (id(statement), shape)
-        if key in self._query_plans:
-            return self._query_plans[key]
+        if key in self._driver_plans:
+            return self._driver_plans[key]
         if self._driver_dialect is None:
             return None
-        compiled = statement.compile(dialect=self._driver_dialect)
+        # column_keys: an INSERT or UPDATE names just the columns given (the others keep their defaults).
+        compiled = statement.compile(dialect=self._driver_dialect, column_keys=list(parameters))
         expanded = compiled.construct_expanded_state(dict(parameters))
-        # Where each placeholder's value comes from: a parameter, an item of a list parameter, or the statement.
+        # Where each placeholder's value comes from: a parameter, an item of a list parameter, or the statement
+        # (a value it binds itself, or the fixed default of a column an INSERT leaves out).
         sources: list[tuple[str, Any, int]] = []
         for name in expanded.positiontup or ():
             list_name, _, index = name.rpartition("_")
@@ -470,7 +464,8 @@ class Store:
             elif isinstance(parameters.get(list_name), list) and index.isdigit():
                 sources.append(("item", list_name, int(index) - 1))
             else:
-                sources.append(("constant", expanded.parameters[name], 0))
+                constant = expanded.parameters.get(name)
+                sources.append(("constant", _column_default(statement, name) if constant is None else constant, 0))
 
         def values(given: Mapping[str, Any]) -> tuple[Any, ...]:
             return tuple(
@@ -478,13 +473,15 @@ class Store:
                 for kind, key, index in sources
             )
 
-        plan: _QueryPlan | None = _QueryPlan(expanded.statement, values)
+        plan: _DriverPlan | None = _DriverPlan(expanded.statement, values)
         # The plan must give exactly what SQLAlchemy would bind; anything unusual goes through SQLAlchemy.
-        if expanded.positiontup is None or values(parameters) != tuple(
-            expanded.parameters[name] for name in expanded.positiontup
+        given = values(parameters)
+        if expanded.positiontup is None or any(
+            value is None if kind == "constant" else value != expanded.parameters[name]
+            for (kind, _, _), value, name in zip(sources, given, expanded.positiontup, strict=True)
         ):
             plan = None
-        self._query_plans[key] = plan
+        self._driver_plans[key] = plan
         return plan
 
     @contextlib.contextmanager
@@ -498,29 +495,6 @@ class Store:
             raise DBAPIError.instance(
                 sql, values, exc, self._driver_error, connection_invalidated=disconnected
             ) from exc
-
-    def _driver_plan(self, statement: Any, sample: dict[str, Any]) -> _DriverPlan | None:
-        """(SQL with positional placeholders, the parameter names in order, the statement's own constant values),
-        compiled once per statement and key set; None when the statement needs SQLAlchemy at execution."""
-        key = (id(statement), tuple(sample))
-        if key not in self._driver_plans:
-            if self._driver_dialect is None:
-                return None
-            compiled = statement.compile(dialect=self._driver_dialect, column_keys=list(sample))
-            names = compiled.positiontup
-            plan: _DriverPlan | None = None
-            if names is not None and not compiled.literal_execute_params:
-                constants = {
-                    name: _column_default(statement, name)
-                    if compiled.params.get(name) is None
-                    else compiled.params[name]
-                    for name in names
-                    if name not in sample
-                }
-                if all(value is not None for value in constants.values()):
-                    plan = (compiled.string, tuple(names), constants)
-            self._driver_plans[key] = plan
-        return self._driver_plans[key]
 
 
 def _column_default(statement: Any, name: str) -> Any:

@@ -290,10 +290,6 @@ _HANDLERS: dict[type[Any], str] = {
 }
 
 
-_condition = cached_condition
-_splice = cached_splice
-
-
 RETRYABLE_TYPES = frozenset(
     {
         NodeType.SERVICE_ACTIVITY,
@@ -478,7 +474,7 @@ class _Step:
         if isinstance(value, str):
             if "${" not in value:
                 return value
-            return _splice(value).render(lambda name: self.lookup(scope, f"${{{name}}}"))
+            return cached_splice(value).render(lambda name: self.lookup(scope, f"${{{name}}}"))
         if isinstance(value, list):
             return [self.render(scope, item) for item in value]
         if isinstance(value, dict):
@@ -804,7 +800,7 @@ class _Step:
             if text is None:
                 continue
             try:
-                if _condition(text).evaluate(lambda name: self.lookup(scope, f"${{{name}}}")):
+                if cached_condition(text).evaluate(lambda name: self.lookup(scope, f"${{{name}}}")):
                     taken.append(flow_id)
             except (ExpressionError, VariableError, LazyError, KeyError) as exc:
                 self.fail(run, f"the condition of flow {flow_id!r} ({text!r}) cannot be evaluated: {_describe(exc)}")

@@ -871,9 +871,6 @@ def cached_splice(text: str) -> Splice:
     return _cached_compile(text) if len(text) <= _CACHED_TEXT_LENGTH else compile_splice(text)
 
 
-_splice = cached_splice
-
-
 def render_value(value: Any, lookup: Lookup) -> Any:
     """Renders every string inside `value` (lists, tuples and dict values, not keys); other values unchanged."""
     return _render_value(value, lookup, 0)
@@ -881,7 +878,7 @@ def render_value(value: Any, lookup: Lookup) -> Any:
 
 def _render_value(value: Any, lookup: Lookup, depth: int) -> Any:
     if isinstance(value, str):
-        return _splice(value).render(lookup) if "${" in value else value
+        return cached_splice(value).render(lookup) if "${" in value else value
     if not isinstance(value, (list, tuple, dict)):
         return value
     if depth >= MAX_VALUE_DEPTH:
@@ -900,7 +897,7 @@ def splice_names(value: Any) -> frozenset[str]:
         item, depth = stack.pop()
         if isinstance(item, str):
             if "${" in item:
-                names |= _splice(item).names
+                names |= cached_splice(item).names
             continue
         if not isinstance(item, (list, tuple, dict)):
             continue

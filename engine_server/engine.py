@@ -405,6 +405,11 @@ class Engine:
         self._readers.shutdown(wait=True)
         self.store.dispose()
 
+    @property
+    def stopping(self) -> bool:
+        """The engine is shutting down and takes no new operations."""
+        return self._stopping
+
     def _woken(self, codes: set[str]) -> None:
         """A wake-up from another replica; no codes means "you may have missed some: check everything"."""
         if codes:
@@ -437,6 +442,35 @@ class Engine:
         timeout_ms: int = 0,
         failure_handler: str = "",
     ) -> tuple[str, bool]:
+        result: tuple[str, bool] = await self.enqueue_start(
+            tree_json=tree_json,
+            spec=spec,
+            presets=presets,
+            pipeline_id=pipeline_id,
+            name=name,
+            idempotency_key=idempotency_key,
+            start_node_id=start_node_id,
+            cycle_tolerate=cycle_tolerate,
+            timeout_ms=timeout_ms,
+            failure_handler=failure_handler,
+        )
+        return result
+
+    def enqueue_start(
+        self,
+        *,
+        tree_json: str,
+        spec: PipelineSpec,
+        presets: Mapping[str, Any],
+        pipeline_id: str = "",
+        name: str = "",
+        idempotency_key: str = "",
+        start_node_id: str = "",
+        cycle_tolerate: bool = False,
+        timeout_ms: int = 0,
+        failure_handler: str = "",
+    ) -> asyncio.Future[tuple[str, bool]]:
+        """Queues a start; the future resolves to (pipeline id, created) once it is committed (or refused)."""
         op = _Start(
             pipeline_id=pipeline_id or ordered_id(),
             name=name,
@@ -450,8 +484,7 @@ class Engine:
             failure_handler=failure_handler,
         )
         self.specs.put(tree_json, spec, cycle_tolerate=cycle_tolerate)
-        result: tuple[str, bool] = await self._submit(op)
-        return result
+        return self._enqueue(op)
 
     async def complete_task(
         self, token: str, outputs: Mapping[str, Any], *, poll_after_ms: int = 0, await_callback: bool = False

@@ -58,6 +58,9 @@ STATUS_CODES: dict[type[EngineError], grpc.StatusCode] = {
     Internal: grpc.StatusCode.INTERNAL,
 }
 
+# Most pipelines one StartPipelines call may start (as the proto documents).
+MAX_STARTS_PER_CALL = 1000
+
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Handler = Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
@@ -148,6 +151,47 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
     async def StartPipeline(
         self, request: engine_pb2.StartPipelineRequest, context: grpc.aio.ServicerContext
     ) -> engine_pb2.StartPipelineResponse:
+        pipeline_id, created = await self._enqueue_start(request)
+        return engine_pb2.StartPipelineResponse(pipeline_id=pipeline_id, created=created)
+
+    @maps_errors
+    async def StartPipelines(
+        self, request: engine_pb2.StartPipelinesRequest, context: grpc.aio.ServicerContext
+    ) -> engine_pb2.StartPipelinesResponse:
+        count = len(request.pipelines)
+        if not count:
+            raise InvalidArgument("pipelines is empty: send at least one StartPipelineRequest")
+        if count > MAX_STARTS_PER_CALL:
+            raise InvalidArgument(
+                f"{count} pipelines in one StartPipelines call, over the limit of {MAX_STARTS_PER_CALL}: "
+                "split them over several calls"
+            )
+        if self.engine.stopping:
+            raise Unavailable("the engine server is shutting down; retry on another")
+        # Every item is queued before any is awaited, so they share the engine's next transactions.
+        pending: list[asyncio.Future[tuple[str, bool]] | EngineError] = []
+        for item in request.pipelines:
+            try:
+                pending.append(self._enqueue_start(item))
+            except EngineError as exc:
+                pending.append(exc)
+        response = engine_pb2.StartPipelinesResponse()
+        for outcome in pending:
+            result = response.results.add()
+            try:
+                if isinstance(outcome, EngineError):
+                    raise outcome
+                pipeline_id, created = await outcome
+            except EngineError as exc:
+                result.error.code = STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL).value[0]
+                result.error.message = str(exc)
+            else:
+                result.started.pipeline_id = pipeline_id
+                result.started.created = created
+        return response
+
+    def _enqueue_start(self, request: engine_pb2.StartPipelineRequest) -> asyncio.Future[tuple[str, bool]]:
+        """Checks one start request as StartPipeline does and queues it; raises EngineError if it is refused."""
         if request.template_id:
             raise Unimplemented("starting a registered template is not implemented by this engine version yet")
         try:
@@ -160,7 +204,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             raise InvalidArgument(str(TreeError(problems)))
         if request.start_node_id and request.start_node_id not in spec.nodes:
             raise InvalidArgument(f"start_node_id {request.start_node_id!r} is not a node of the root pipeline")
-        pipeline_id, created = await self.engine.start_pipeline(
+        return self.engine.enqueue_start(
             tree_json=request.tree_json,
             spec=spec,
             presets={_variable_key(key): value for key, value in inputs.items()},
@@ -171,7 +215,6 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             timeout_ms=max(0, request.timeout_ms),
             failure_handler=request.failure_handler,
         )
-        return engine_pb2.StartPipelineResponse(pipeline_id=pipeline_id, created=created)
 
     @maps_errors
     async def ValidatePipeline(

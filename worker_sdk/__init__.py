@@ -27,7 +27,7 @@ from worker_sdk.builder import (
     Var,
     build_tree,
 )
-from worker_sdk.client import FINAL_STATES, EngineClient, WaitTimeout
+from worker_sdk.client import FINAL_STATES, EngineClient, PipelineStart, StartResult, WaitTimeout
 from worker_sdk.component import AwaitCallback, Component, Done, PollAgain, Result, component
 from worker_sdk.context import TaskContext, TaskKind, current_task
 from worker_sdk.errors import (
@@ -72,12 +72,14 @@ __all__ = [
     "ParallelGateway",
     "Params",
     "PermissionDenied",
+    "PipelineStart",
     "PollAgain",
     "ResourceExhausted",
     "Result",
     "RetryableError",
     "RewritableNodeOutput",
     "ServiceActivity",
+    "StartResult",
     "SubProcess",
     "TaskCancelled",
     "TaskContext",

@@ -412,6 +412,13 @@ class EngineTransport(_Caller):
         response: engine_pb2.StartPipelineResponse = self._unary(self._stub.StartPipeline, request, timeout)
         return response.pipeline_id, response.created
 
+    def start_pipelines(
+        self, requests: Sequence[engine_pb2.StartPipelineRequest], timeout: float | None
+    ) -> list[engine_pb2.StartPipelineResult]:
+        request = engine_pb2.StartPipelinesRequest(pipelines=requests)
+        response: engine_pb2.StartPipelinesResponse = self._unary(self._stub.StartPipelines, request, timeout)
+        return list(response.results)
+
     def validate_pipeline(
         self, *, tree_json: str, inputs_json: str, cycle_tolerate: bool, timeout: float | None
     ) -> list[dict[str, Any]]:

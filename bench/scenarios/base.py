@@ -14,9 +14,10 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.aio_client import AsyncEngineClient, map_concurrently
+from bench.aio_client import AsyncEngineClient
 from bench.results import RunResult, millis_between
 from worker_sdk import EngineClient
+from worker_sdk.client import STARTS_PER_CALL
 
 # States in which a pipeline may still change by itself (FAILED waits for a human: it is settled).
 UNSETTLED_STATES = ("RUNNING", "SUSPENDED")
@@ -105,16 +106,17 @@ def activity_run_ms(state: dict[str, Any]) -> list[float]:
     ]
 
 
-def start_together(
-    address: str, trees_json: Sequence[str], *, limit: int | None = None
-) -> tuple[float, float, list[str]]:
-    """Issues every Start at once (at most `limit` in flight); returns the wall time just before the first
-    call, the wall time when the last one returned, and the pipeline ids in the order of `trees_json`."""
+def start_together(address: str, trees_json: Sequence[str]) -> tuple[float, float, list[str]]:
+    """Starts every tree at once, as a client starting a batch would: StartPipelines calls of up to
+    `STARTS_PER_CALL` trees, all in flight together (like Celery's `group(...).apply_async()`, one call for
+    the lot). Returns the wall time just before the first call, the wall time when the last one returned,
+    and the pipeline ids in the order of `trees_json`."""
+    chunks = [trees_json[begin : begin + STARTS_PER_CALL] for begin in range(0, len(trees_json), STARTS_PER_CALL)]
 
     async def start_all() -> tuple[float, float, list[str]]:
         async with AsyncEngineClient(address) as client:
             first_start_at = time.time()
-            pipeline_ids = await map_concurrently(client.start, trees_json, limit)
-            return first_start_at, time.time(), pipeline_ids
+            started = await asyncio.gather(*(client.start_many(chunk) for chunk in chunks))
+            return first_start_at, time.time(), [pipeline_id for ids in started for pipeline_id in ids]
 
     return asyncio.run(start_all())

@@ -32,7 +32,7 @@ from bench.worker import AWAIT_CALLBACK, AWAITING_OUTPUT
 from worker_sdk import EmptyEndEvent, EmptyStartEvent, EngineClient, ServiceActivity, build_tree
 
 PIPELINES = 10_000
-# Calls in flight at once when starting, reading and calling back 10k pipelines: enough to keep the
+# Calls in flight at once when reading and calling back 10k pipelines: enough to keep the
 # engine busy without queueing thousands of calls in the client.
 IN_FLIGHT = 256
 MIB = 1024 * 1024
@@ -92,9 +92,8 @@ def run_idle(context: ScenarioContext) -> RunResult:
     trees = [waiting_tree() for _ in range(count)]
     rss_before = rss_bytes(context.server_pid)
 
-    first_start_at, starts_done_at, pipeline_ids = start_together(
-        context.address, [tree_json for tree_json, _ in trees], limit=IN_FLIGHT
-    )
+    trees_json = [tree_json for tree_json, _ in trees]
+    first_start_at, starts_done_at, pipeline_ids = start_together(context.address, trees_json)
     node_ids = [node_id for _, node_id in trees]
     versions = asyncio.run(_wait_until_waiting(context, pipeline_ids, node_ids))
     all_waiting_at = time.time()

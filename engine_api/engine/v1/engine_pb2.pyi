@@ -110,6 +110,100 @@ class StartPipelineResponse(_message.Message):
 Global___StartPipelineResponse: _TypeAlias = StartPipelineResponse  # noqa: Y015
 
 @_typing.final
+class StartPipelinesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PIPELINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def pipelines(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartPipelineRequest]: ...
+    def __init__(
+        self,
+        *,
+        pipelines: _abc.Iterable[Global___StartPipelineRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipelines", b"pipelines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPipelinesRequest: _TypeAlias = StartPipelinesRequest  # noqa: Y015
+
+@_typing.final
+class StartPipelinesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartPipelineResult]:
+        """One per requested pipeline, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StartPipelineResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartPipelinesResponse: _TypeAlias = StartPipelinesResponse  # noqa: Y015
+
+@_typing.final
+class StartPipelineResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___StartPipelineResponse: ...
+    @_builtins.property
+    def error(self) -> Global___StartError:
+        """The item was refused: `code` is the gRPC status code StartPipeline would have ended with (3
+        INVALID_ARGUMENT for a wrong tree, 6 ALREADY_EXISTS for a taken pipeline_id), `message` says why.
+        """
+
+    def __init__(
+        self,
+        *,
+        started: Global___StartPipelineResponse | None = ...,
+        error: Global___StartError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "result", b"result", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["started", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___StartPipelineResult: _TypeAlias = StartPipelineResult  # noqa: Y015
+
+@_typing.final
+class StartError(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartError: _TypeAlias = StartError  # noqa: Y015
+
+@_typing.final
 class ValidatePipelineRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

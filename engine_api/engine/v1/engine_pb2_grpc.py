@@ -39,6 +39,11 @@ class EngineServiceStub:
                 request_serializer=engine_dot_v1_dot_engine__pb2.StartPipelineRequest.SerializeToString,
                 response_deserializer=engine_dot_v1_dot_engine__pb2.StartPipelineResponse.FromString,
                 _registered_method=True)
+        self.StartPipelines = channel.unary_unary(
+                '/engine.v1.EngineService/StartPipelines',
+                request_serializer=engine_dot_v1_dot_engine__pb2.StartPipelinesRequest.SerializeToString,
+                response_deserializer=engine_dot_v1_dot_engine__pb2.StartPipelinesResponse.FromString,
+                _registered_method=True)
         self.ValidatePipeline = channel.unary_unary(
                 '/engine.v1.EngineService/ValidatePipeline',
                 request_serializer=engine_dot_v1_dot_engine__pb2.ValidatePipelineRequest.SerializeToString,
@@ -141,6 +146,16 @@ class EngineServiceServicer:
 
     def StartPipeline(self, request, context):
         """Validates and starts a pipeline. INVALID_ARGUMENT names every problem of the tree.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPipelines(self, request, context):
+        """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
+        come back in request order. An item StartPipeline would refuse gets its error in its own result and
+        the others still start. The call itself fails only when the request as a whole is wrong (empty, too
+        many items) or the engine cannot take it (UNAVAILABLE while shutting down).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +302,11 @@ def add_EngineServiceServicer_to_server(servicer, server):
                     request_deserializer=engine_dot_v1_dot_engine__pb2.StartPipelineRequest.FromString,
                     response_serializer=engine_dot_v1_dot_engine__pb2.StartPipelineResponse.SerializeToString,
             ),
+            'StartPipelines': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPipelines,
+                    request_deserializer=engine_dot_v1_dot_engine__pb2.StartPipelinesRequest.FromString,
+                    response_serializer=engine_dot_v1_dot_engine__pb2.StartPipelinesResponse.SerializeToString,
+            ),
             'ValidatePipeline': grpc.unary_unary_rpc_method_handler(
                     servicer.ValidatePipeline,
                     request_deserializer=engine_dot_v1_dot_engine__pb2.ValidatePipelineRequest.FromString,
@@ -410,6 +430,33 @@ class EngineService:
             '/engine.v1.EngineService/StartPipeline',
             engine_dot_v1_dot_engine__pb2.StartPipelineRequest.SerializeToString,
             engine_dot_v1_dot_engine__pb2.StartPipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPipelines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/engine.v1.EngineService/StartPipelines',
+            engine_dot_v1_dot_engine__pb2.StartPipelinesRequest.SerializeToString,
+            engine_dot_v1_dot_engine__pb2.StartPipelinesResponse.FromString,
             options,
             channel_credentials,
             insecure,

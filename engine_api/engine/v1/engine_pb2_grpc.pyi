@@ -42,6 +42,12 @@ class EngineServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EngineServiceAsyncStub: ...
     StartPipeline: _grpc.UnaryUnaryMultiCallable[_engine_pb2.StartPipelineRequest, _engine_pb2.StartPipelineResponse]
     """Validates and starts a pipeline. INVALID_ARGUMENT names every problem of the tree."""
+    StartPipelines: _grpc.UnaryUnaryMultiCallable[_engine_pb2.StartPipelinesRequest, _engine_pb2.StartPipelinesResponse]
+    """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
+    come back in request order. An item StartPipeline would refuse gets its error in its own result and
+    the others still start. The call itself fails only when the request as a whole is wrong (empty, too
+    many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+    """
     ValidatePipeline: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ValidatePipelineRequest, _engine_pb2.ValidatePipelineResponse]
     """Validates a tree without starting it. Problems are returned, not raised."""
     PausePipeline: _grpc.UnaryUnaryMultiCallable[_engine_pb2.PipelineTarget, _engine_pb2.OperationResponse]
@@ -88,6 +94,12 @@ class EngineServiceAsyncStub(EngineServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartPipeline: _aio.UnaryUnaryMultiCallable[_engine_pb2.StartPipelineRequest, _engine_pb2.StartPipelineResponse]  # type: ignore[assignment]
     """Validates and starts a pipeline. INVALID_ARGUMENT names every problem of the tree."""
+    StartPipelines: _aio.UnaryUnaryMultiCallable[_engine_pb2.StartPipelinesRequest, _engine_pb2.StartPipelinesResponse]  # type: ignore[assignment]
+    """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
+    come back in request order. An item StartPipeline would refuse gets its error in its own result and
+    the others still start. The call itself fails only when the request as a whole is wrong (empty, too
+    many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+    """
     ValidatePipeline: _aio.UnaryUnaryMultiCallable[_engine_pb2.ValidatePipelineRequest, _engine_pb2.ValidatePipelineResponse]  # type: ignore[assignment]
     """Validates a tree without starting it. Problems are returned, not raised."""
     PausePipeline: _aio.UnaryUnaryMultiCallable[_engine_pb2.PipelineTarget, _engine_pb2.OperationResponse]  # type: ignore[assignment]
@@ -137,6 +149,18 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_engine_pb2.StartPipelineResponse, _abc.Awaitable[_engine_pb2.StartPipelineResponse]]:
         """Validates and starts a pipeline. INVALID_ARGUMENT names every problem of the tree."""
+
+    @_abc_1.abstractmethod
+    def StartPipelines(
+        self,
+        request: _engine_pb2.StartPipelinesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_engine_pb2.StartPipelinesResponse, _abc.Awaitable[_engine_pb2.StartPipelinesResponse]]:
+        """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
+        come back in request order. An item StartPipeline would refuse gets its error in its own result and
+        the others still start. The call itself fails only when the request as a whole is wrong (empty, too
+        many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+        """
 
     @_abc_1.abstractmethod
     def ValidatePipeline(

@@ -364,7 +364,8 @@ class Engine:
             self._checkpoint_task = asyncio.create_task(self._checkpoint_now_and_then(), name="engine-checkpoint")
 
     async def _checkpoint_now_and_then(self) -> None:
-        """SQLite's WAL is copied into the database file here, once a second after writes, off the commit path."""
+        """SQLite's WAL is copied into the database file here, once a second after writes, off the commit path; the
+        writer's own checkpoint (storage.database.WAL_AUTOCHECKPOINT_PAGES) finishes it under continuous writes."""
         loop = asyncio.get_running_loop()
         while not self._stopping:
             await asyncio.sleep(1.0)

@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 SQLITE_SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# WAL pages after which the writer's commit finishes the checkpoint itself (SQLite's default; 4 MB of 4 KB pages).
+WAL_AUTOCHECKPOINT_PAGES = 1000
 
 
 def normalise_url(url: str) -> str:
@@ -67,8 +69,15 @@ def _sqlite_engine(url: str, synchronous: str, *, writer: bool = False) -> Engin
         cursor.execute("PRAGMA busy_timeout=10000")
         cursor.execute("PRAGMA foreign_keys=ON")
         if writer:
-            # Checkpoints run on a background connection (Store.checkpoint), not inside the writer's commits.
-            cursor.execute("PRAGMA wal_autocheckpoint=0")
+            # The WAL starts over from its beginning only when a write transaction begins with every frame already
+            # copied into the database file (and no reader still on WAL frames). Store.checkpoint copies them from
+            # another connection, off the commit path, but under continuous writes new frames always arrive while
+            # it runs, so the WAL would grow without end (57 MB in a 2.5 s chain-1000). With this, every commit
+            # that leaves WAL_AUTOCHECKPOINT_PAGES or more in the WAL also checkpoints on this connection (inside
+            # the commit, on the database thread), finishing what the background one left, so the next
+            # transaction restarts the WAL: it stays near that size (4-5 MB). Measured on chain-1000, the mean
+            # commit, these checkpoints included, went from 0.39-0.49 ms to 0.35 ms (less fsync'd file growth).
+            cursor.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -116,7 +116,8 @@ class Store:
     def checkpoint(self) -> None:
         """SQLite: copies committed WAL pages into the database file without waiting for the writer or readers.
 
-        Done here, on a reader connection, so the writer's commits never pay for it.
+        Done here, on a reader connection, so the writer's commits pay for little of it: the writer's own
+        checkpoint (see WAL_AUTOCHECKPOINT_PAGES) then finds most pages copied already.
         """
         if not self.is_sqlite:
             return

@@ -77,14 +77,13 @@ class AsyncEngineClient:
         response = await self._stub.StartPipeline(request, timeout=CALL_TIMEOUT_S)
         return str(response.pipeline_id)
 
-    async def start_many(self, trees_json: Sequence[str]) -> list[str]:
-        """One StartPipelines call (at most 1000 trees); raises if the engine refused any of them."""
-        starts = [engine_pb2.StartPipelineRequest(tree_json=tree_json, inputs_json="{}") for tree_json in trees_json]
+    async def start_many(self, starts: Sequence[engine_pb2.StartPipelineRequest]) -> list[str]:
+        """One StartPipelines call (see worker_sdk.client.start_calls); raises if the engine refused any."""
         request = engine_pb2.StartPipelinesRequest(pipelines=starts)
         response = await self._stub.StartPipelines(request, timeout=CALL_TIMEOUT_S)
         refused = [result.error.message for result in response.results if result.WhichOneof("result") == "error"]
         if refused:
-            raise RuntimeError(f"the engine refused {len(refused)} of {len(trees_json)} starts, e.g.: {refused[0]}")
+            raise RuntimeError(f"the engine refused {len(refused)} of {len(starts)} starts, e.g.: {refused[0]}")
         return [result.started.pipeline_id for result in response.results]
 
     async def callback(self, pipeline_id: str, node_id: str, version: str, data: Any) -> bool:

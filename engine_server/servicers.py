@@ -168,26 +168,28 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             )
         if self.engine.stopping:
             raise Unavailable("the engine server is shutting down; retry on another")
-        # Every item is queued before any is awaited, so they share the engine's next transactions.
-        pending: list[asyncio.Future[tuple[str, bool]] | EngineError] = []
+        # Every item is queued before any is awaited, so they share the engine's next transactions. Once one is
+        # queued it will start whatever happens to the others, so an item's failure stays in its own result.
+        outcomes: list[asyncio.Future[tuple[str, bool]] | BaseException] = []
         for item in request.pipelines:
             try:
-                pending.append(self._enqueue_start(item))
-            except EngineError as exc:
-                pending.append(exc)
+                outcomes.append(self._enqueue_start(item))
+            except Exception as exc:
+                outcomes.append(exc)
+        queued = [outcome for outcome in outcomes if isinstance(outcome, asyncio.Future)]
+        answers = iter(await asyncio.gather(*queued, return_exceptions=True))
         response = engine_pb2.StartPipelinesResponse()
-        for outcome in pending:
+        for outcome in outcomes:
+            answer = next(answers) if isinstance(outcome, asyncio.Future) else outcome
             result = response.results.add()
-            try:
-                if isinstance(outcome, EngineError):
-                    raise outcome
-                pipeline_id, created = await outcome
-            except EngineError as exc:
-                result.error.code = STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL).value[0]
-                result.error.message = str(exc)
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, EngineError):
+                    log.error("a StartPipelines item failed", exc_info=answer)
+                    answer = Internal("the engine failed to start this pipeline; see the server log")
+                result.error.code = STATUS_CODES.get(type(answer), grpc.StatusCode.INTERNAL).value[0]
+                result.error.message = str(answer)
             else:
-                result.started.pipeline_id = pipeline_id
-                result.started.created = created
+                result.started.pipeline_id, result.started.created = answer
         return response
 
     def _enqueue_start(self, request: engine_pb2.StartPipelineRequest) -> asyncio.Future[tuple[str, bool]]:

@@ -27,6 +27,27 @@ __all__ = ["FINAL_STATES", "EngineClient", "PipelineStart", "StartResult", "Wait
 
 # What one StartPipelines call may carry (the server refuses more); start_many() splits longer lists.
 STARTS_PER_CALL = 1000
+# Bytes of trees and inputs per StartPipelines call. A server accepts messages of its --max-tree-bytes (or
+# --max-payload-bytes) plus 1 MiB, so calls of 1 MiB fit any server; a larger tree goes alone, as with start().
+START_CALL_BYTES = 1024 * 1024
+
+
+def start_calls(
+    requests: Sequence[engine_pb2.StartPipelineRequest],
+) -> list[Sequence[engine_pb2.StartPipelineRequest]]:
+    """Splits start requests into StartPipelines calls that every server accepts, in order."""
+    calls: list[Sequence[engine_pb2.StartPipelineRequest]] = []
+    begin, size = 0, 0
+    for end, request in enumerate(requests):
+        request_size = request.ByteSize() + 8  # field tag and length
+        if end > begin and (end - begin == STARTS_PER_CALL or size + request_size > START_CALL_BYTES):
+            calls.append(requests[begin:end])
+            begin, size = end, 0
+        size += request_size
+    if begin < len(requests):
+        calls.append(requests[begin:])
+    return calls
+
 
 _STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 
@@ -48,7 +69,7 @@ def _tree_json(tree: Mapping[str, Any] | str) -> str:
 
 @dataclass(frozen=True)
 class PipelineStart:
-    """One pipeline for `EngineClient.start_many`: the arguments `EngineClient.start` takes."""
+    """One pipeline for `EngineClient.start_many`: the arguments `EngineClient.start` takes (but a template)."""
 
     tree: Mapping[str, Any] | str
     inputs: Mapping[str, Any] | None = None
@@ -166,24 +187,29 @@ class EngineClient:
         return started_id
 
     def start_many(self, pipelines: Iterable[PipelineStart | Mapping[str, Any] | str]) -> list[StartResult]:
-        """Starts many pipelines with one StartPipelines call per 1000: far cheaper than a `start` each.
+        """Starts many pipelines in StartPipelines calls of up to 1000 (and 1 MiB): far cheaper than a `start` each.
 
-        Each item is a `PipelineStart`, or just a tree (dict or JSON text). Results come back in order; an
-        item the engine refuses (a wrong tree, a taken pipeline id) has its `error` set, and the others
-        still start. Errors of a call as a whole (the engine unreachable, the request too large) raise.
+        Each item is a `PipelineStart`, or just a tree (dict or JSON text). One result per item, in order: an
+        item the engine refuses (a wrong tree, a taken pipeline id) has its `error` set, and the others still
+        start. When a call fails as a whole (the engine unreachable, its deadline), each of its items gets that
+        error: some of them may have started even so, so give items an `idempotency_key` to send them again safely.
         """
         requests = [
             (item if isinstance(item, PipelineStart) else PipelineStart(tree=item)).request() for item in pipelines
         ]
         results: list[StartResult] = []
-        for begin in range(0, len(requests), STARTS_PER_CALL):
-            chunk = requests[begin : begin + STARTS_PER_CALL]
-            for result in self._engine.start_pipelines(chunk, self.timeout):
-                if result.WhichOneof("result") == "error":
-                    status = _STATUS_BY_NUMBER.get(result.error.code, grpc.StatusCode.UNKNOWN)
-                    results.append(StartResult("", False, error_for_status(status, result.error.message)))
+        for call in start_calls(requests):
+            try:
+                answers = self._engine.start_pipelines(call, self.timeout)
+            except EngineError as exc:
+                results.extend(StartResult("", False, exc) for _ in call)
+                continue
+            for answer in answers:
+                if answer.WhichOneof("result") == "error":
+                    status = _STATUS_BY_NUMBER.get(answer.error.code, grpc.StatusCode.UNKNOWN)
+                    results.append(StartResult("", False, error_for_status(status, answer.error.message)))
                 else:
-                    results.append(StartResult(result.started.pipeline_id, result.started.created))
+                    results.append(StartResult(answer.started.pipeline_id, answer.started.created))
         return results
 
     def validate(

@@ -16,8 +16,9 @@ from typing import Any
 
 from bench.aio_client import AsyncEngineClient
 from bench.results import RunResult, millis_between
+from engine_api.engine.v1.engine_pb2 import StartPipelineRequest
 from worker_sdk import EngineClient
-from worker_sdk.client import STARTS_PER_CALL
+from worker_sdk.client import start_calls
 
 # States in which a pipeline may still change by itself (FAILED waits for a human: it is settled).
 UNSETTLED_STATES = ("RUNNING", "SUSPENDED")
@@ -107,16 +108,16 @@ def activity_run_ms(state: dict[str, Any]) -> list[float]:
 
 
 def start_together(address: str, trees_json: Sequence[str]) -> tuple[float, float, list[str]]:
-    """Starts every tree at once, as a client starting a batch would: StartPipelines calls of up to
-    `STARTS_PER_CALL` trees, all in flight together (like Celery's `group(...).apply_async()`, one call for
+    """Starts every tree at once, as a client starting a batch would: StartPipelines calls split as the SDK's
+    `start_many` splits them, all in flight together (like Celery's `group(...).apply_async()`, one call for
     the lot). Returns the wall time just before the first call, the wall time when the last one returned,
     and the pipeline ids in the order of `trees_json`."""
-    chunks = [trees_json[begin : begin + STARTS_PER_CALL] for begin in range(0, len(trees_json), STARTS_PER_CALL)]
+    calls = start_calls([StartPipelineRequest(tree_json=tree_json, inputs_json="{}") for tree_json in trees_json])
 
     async def start_all() -> tuple[float, float, list[str]]:
         async with AsyncEngineClient(address) as client:
             first_start_at = time.time()
-            started = await asyncio.gather(*(client.start_many(chunk) for chunk in chunks))
+            started = await asyncio.gather(*(client.start_many(call) for call in calls))
             return first_start_at, time.time(), [pipeline_id for ids in started for pipeline_id in ids]
 
     return asyncio.run(start_all())

@@ -79,10 +79,19 @@ def load_tree_json(text: str | bytes) -> Any:
         raise TreeError([Problem("duplicate_id", f"duplicate id {exc.args[0]!r} in the tree JSON")]) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise TreeError([Problem("not_json", f"the tree is not valid JSON: {exc}")]) from None
+    except RecursionError:
+        raise TreeError([Problem("too_deep", "the tree JSON is nested too deeply to read")]) from None
 
 
 def parse_tree(raw: Any, *, cycle_tolerate: bool = False) -> PipelineSpec:
     """Parses and validates a tree (already decoded from JSON), subprocesses included."""
+    try:
+        return _parse_tree(raw, cycle_tolerate)
+    except RecursionError:  # subprocesses nested thousands deep
+        raise TreeError([Problem("too_deep", "the tree's subprocesses are nested too deeply to read")]) from None
+
+
+def _parse_tree(raw: Any, cycle_tolerate: bool) -> PipelineSpec:
     problems: list[Problem] = []
     seen_ids: dict[str, str] = {}
     root = _TreeParser(raw, problems, seen_ids, where="the tree").parse()

@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from engine_api.engine.v1 import engine_pb2, engine_pb2_grpc
-from tests.support.processes import ServerProcess
+from tests.support.processes import ServerProcess, free_port
 from tests.trees import chain_tree
-from worker_sdk import AlreadyExists, EngineClient, InvalidArgument, PipelineStart
+from worker_sdk import AlreadyExists, EngineClient, InvalidArgument, PipelineStart, Unavailable
 
 
 @pytest.fixture
@@ -37,10 +37,13 @@ def test_good_trees_start_and_each_bad_one_is_refused_in_its_place(client: Engin
             PipelineStart(chain_tree(["echo"]), idempotency_key="nightly"),
             PipelineStart(chain_tree(["echo"]), idempotency_key="nightly"),
             json.dumps(chain_tree(["echo"])),
+            "[" * 100_000,
         ]
     )
 
-    assert [result.ok for result in results] == [True, False, True, False, True, True, True]
+    assert [result.ok for result in results] == [True, False, True, False, True, True, True, False]
+    assert isinstance(results[7].error, InvalidArgument)
+    assert "nested too deeply" in results[7].error.message
     assert isinstance(results[1].error, InvalidArgument)
     assert "has no end event" in results[1].error.message
     assert isinstance(results[3].error, AlreadyExists)
@@ -63,6 +66,21 @@ def test_more_than_one_call_can_carry_is_split_over_several(client: EngineClient
     assert [result.pipeline_id for result in results] == [f"p{number:04}" for number in range(1001)]
     assert all(result.ok and result.created for result in results)
     assert client.get_state("p1000")["children"]["a0"]["state"] == "RUNNING"
+
+
+def test_starts_larger_than_one_message_are_split_by_size(client: EngineClient, server: ServerProcess) -> None:
+    # 300 trees of ~62 KB: 19 MB, more than the server takes in one message (its tree limit + 1 MiB, 17 MiB).
+    tree_json = json.dumps(chain_tree(["manual"] * 200))
+    results = client.start_many([tree_json] * 300)
+
+    assert all(result.ok for result in results)
+    assert len({result.pipeline_id for result in results}) == 300
+
+
+def test_a_call_that_fails_as_a_whole_marks_each_of_its_items() -> None:
+    with EngineClient(f"127.0.0.1:{free_port()}", timeout=5) as nobody:
+        results = nobody.start_many([chain_tree(["echo"]), chain_tree(["echo"])])
+    assert [type(result.error) for result in results] == [Unavailable, Unavailable]
 
 
 def test_a_request_that_is_wrong_as_a_whole_is_refused(server: ServerProcess) -> None:

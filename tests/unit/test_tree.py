@@ -144,3 +144,34 @@ def test_every_problem_is_reported_not_just_the_first() -> None:
     del tree["activities"]["a1"]["component"]
     found = problems(copy.deepcopy(tree))
     assert [c for c, _ in found].count("no_component") == 2
+
+
+def test_json_nested_too_deeply_is_refused_not_crashed_on() -> None:
+    with pytest.raises(TreeError) as raised:
+        load_tree_json("[" * 200_000)
+    assert raised.value.problems[0].code == "too_deep"
+
+
+def test_subprocesses_nested_too_deeply_are_refused_not_crashed_on() -> None:
+    tree: dict[str, Any] = {}
+    for level in range(3000):
+        start, node, end = f"s{level}", f"p{level}", f"e{level}"
+        inner = {"type": "ServiceActivity", "component": {"code": "echo", "inputs": {}}} if level == 0 else {}
+        tree = {
+            "id": f"t{level}",
+            "start_event": {"id": start, "type": "EmptyStartEvent", "incoming": "", "outgoing": f"{start}f"},
+            "end_event": {"id": end, "type": "EmptyEndEvent", "incoming": f"{node}f", "outgoing": ""},
+            "activities": {
+                node: {"id": node, "incoming": f"{start}f", "outgoing": f"{node}f"}
+                | (inner or {"type": "SubProcess", "pipeline": tree})
+            },
+            "gateways": {},
+            "flows": {
+                f"{start}f": {"id": f"{start}f", "source": start, "target": node, "is_default": False},
+                f"{node}f": {"id": f"{node}f", "source": node, "target": end, "is_default": False},
+            },
+            "data": {"inputs": {}, "outputs": []},
+        }
+    with pytest.raises(TreeError) as raised:
+        parse_tree(tree)
+    assert raised.value.problems[0].code == "too_deep"

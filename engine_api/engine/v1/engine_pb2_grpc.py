@@ -154,8 +154,11 @@ class EngineServiceServicer:
     def StartPipelines(self, request, context):
         """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
         come back in request order. An item StartPipeline would refuse gets its error in its own result and
-        the others still start. The call itself fails only when the request as a whole is wrong (empty, too
-        many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+        the others still start (an item the engine could not apply, e.g. its database unreachable, gets 14
+        UNAVAILABLE: send it again). The call itself fails only when the request as a whole is wrong (empty, too
+        many items, larger than the server's message limit) or the engine is shutting down (UNAVAILABLE); once
+        items are queued, a call that ends early (its deadline, a lost connection) may still have started some:
+        give them idempotency keys to send them again safely.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,8 +45,11 @@ class EngineServiceStub:
     StartPipelines: _grpc.UnaryUnaryMultiCallable[_engine_pb2.StartPipelinesRequest, _engine_pb2.StartPipelinesResponse]
     """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
     come back in request order. An item StartPipeline would refuse gets its error in its own result and
-    the others still start. The call itself fails only when the request as a whole is wrong (empty, too
-    many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+    the others still start (an item the engine could not apply, e.g. its database unreachable, gets 14
+    UNAVAILABLE: send it again). The call itself fails only when the request as a whole is wrong (empty, too
+    many items, larger than the server's message limit) or the engine is shutting down (UNAVAILABLE); once
+    items are queued, a call that ends early (its deadline, a lost connection) may still have started some:
+    give them idempotency keys to send them again safely.
     """
     ValidatePipeline: _grpc.UnaryUnaryMultiCallable[_engine_pb2.ValidatePipelineRequest, _engine_pb2.ValidatePipelineResponse]
     """Validates a tree without starting it. Problems are returned, not raised."""
@@ -97,8 +100,11 @@ class EngineServiceAsyncStub(EngineServiceStub):
     StartPipelines: _aio.UnaryUnaryMultiCallable[_engine_pb2.StartPipelinesRequest, _engine_pb2.StartPipelinesResponse]  # type: ignore[assignment]
     """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
     come back in request order. An item StartPipeline would refuse gets its error in its own result and
-    the others still start. The call itself fails only when the request as a whole is wrong (empty, too
-    many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+    the others still start (an item the engine could not apply, e.g. its database unreachable, gets 14
+    UNAVAILABLE: send it again). The call itself fails only when the request as a whole is wrong (empty, too
+    many items, larger than the server's message limit) or the engine is shutting down (UNAVAILABLE); once
+    items are queued, a call that ends early (its deadline, a lost connection) may still have started some:
+    give them idempotency keys to send them again safely.
     """
     ValidatePipeline: _aio.UnaryUnaryMultiCallable[_engine_pb2.ValidatePipelineRequest, _engine_pb2.ValidatePipelineResponse]  # type: ignore[assignment]
     """Validates a tree without starting it. Problems are returned, not raised."""
@@ -158,8 +164,11 @@ class EngineServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_engine_pb2.StartPipelinesResponse, _abc.Awaitable[_engine_pb2.StartPipelinesResponse]]:
         """Starts up to 1000 pipelines in one call, each validated and started as StartPipeline would; the results
         come back in request order. An item StartPipeline would refuse gets its error in its own result and
-        the others still start. The call itself fails only when the request as a whole is wrong (empty, too
-        many items) or the engine cannot take it (UNAVAILABLE while shutting down).
+        the others still start (an item the engine could not apply, e.g. its database unreachable, gets 14
+        UNAVAILABLE: send it again). The call itself fails only when the request as a whole is wrong (empty, too
+        many items, larger than the server's message limit) or the engine is shutting down (UNAVAILABLE); once
+        items are queued, a call that ends early (its deadline, a lost connection) may still have started some:
+        give them idempotency keys to send them again safely.
         """
 
     @_abc_1.abstractmethod

@@ -135,8 +135,14 @@ def _wait_for(result: AsyncResult | GroupResult, workers: CeleryWorkers) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"the canvas did not finish within {RESULT_TIMEOUT:g} s")
         time.sleep(POLL_INTERVAL)
-    # Raises the task's error if one failed: figures of failed runs would look fast and mean nothing.
-    result.get(timeout=RESULT_TIMEOUT, propagate=True, disable_sync_subtasks=False)
+    # A failed task must fail the run: figures of failed runs would look fast and mean nothing. Checked through
+    # each result's state (a plain read of its key), not `result.get()`: that waits on Celery's pub/sub result
+    # consumer, which deadlocked here inside redis-py when an AsyncResult was garbage-collected while the
+    # consumer unsubscribed (a whole comparison hung on it; see also `_finish_times`).
+    results = result.results if isinstance(result, GroupResult) else [result]
+    failed = [task for task in results if task.failed()]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} canvas results failed, e.g.:\n{failed[0].traceback}")
 
 
 def _finish_times(results: Sequence[AsyncResult]) -> list[datetime]:

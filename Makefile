@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 NODE_WORKER := examples/node-worker
 NODE_STAMP := $(NODE_WORKER)/node_modules/.installed-stamp
 
-.PHONY: install run test test-fast gen check-gen lint format bench bench-profile clean
+.PHONY: install run test test-fast gen check-gen lint format bench bench-profile bench-floors clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -80,6 +80,11 @@ bench-peers: $(PEERS_STAMP)
 ## a top-functions summary in bench/profiles/.
 bench-profile: install
 	@$(PY) -m bench --scenario sustained --repeat 1 --profile bench/profiles $(BENCH_ARGS)
+
+## What one chain hop cannot go below on this machine: a durable commit and a gRPC round trip, measured alone.
+## BENCH_ARGS="--db postgresql://postgres@127.0.0.1:5432/postgres" adds PostgreSQL's commit.
+bench-floors: install
+	@$(PY) -m bench.floors $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(PEERS_VENV) data .pytest_cache .mypy_cache .ruff_cache

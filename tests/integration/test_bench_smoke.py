@@ -187,3 +187,25 @@ def test_profile_samples_the_engine_server_and_summarises_where_its_time_goes(tm
     assert "holding the GIL" in text and "all active threads" in text
     assert "engine_server/" in text
     assert f"summary      {summary}" in completed.stderr
+
+
+def test_the_floors_of_a_chain_hop_are_measured_and_reported() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.floors", "--count", "50"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    floors = json.loads(completed.stdout)["floors"]
+    assert set(floors) == {
+        "sqlite_commit_us",
+        "grpc_stream_round_trip_us",
+        "grpc_unary_round_trip_us",
+        "chain_hop_floor_sqlite_us",
+    }
+    hop = floors["chain_hop_floor_sqlite_us"]["p50"]
+    assert hop == pytest.approx(floors["sqlite_commit_us"]["p50"] + floors["grpc_stream_round_trip_us"]["p50"])
+    assert 0 < floors["sqlite_commit_us"]["p50"] <= floors["sqlite_commit_us"]["p99"]
+    assert "chain_hop_floor_sqlite_us" in completed.stderr  # the table

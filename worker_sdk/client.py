@@ -69,7 +69,7 @@ def _tree_json(tree: Mapping[str, Any] | str) -> str:
 
 @dataclass(frozen=True)
 class PipelineStart:
-    """One pipeline for `EngineClient.start_many`: the arguments `EngineClient.start` takes (but a template)."""
+    """One pipeline for `EngineClient.start_many`: the arguments `EngineClient.start` takes, all but `template_id`."""
 
     tree: Mapping[str, Any] | str
     inputs: Mapping[str, Any] | None = None

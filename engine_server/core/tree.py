@@ -87,8 +87,8 @@ def parse_tree(raw: Any, *, cycle_tolerate: bool = False) -> PipelineSpec:
     """Parses and validates a tree (already decoded from JSON), subprocesses included."""
     try:
         return _parse_tree(raw, cycle_tolerate)
-    except RecursionError:  # subprocesses nested thousands deep
-        raise TreeError([Problem("too_deep", "the tree's subprocesses are nested too deeply to read")]) from None
+    except RecursionError:  # subprocesses within subprocesses, hundreds deep
+        raise TreeError([Problem("too_deep", "the tree is nested too deeply to read")]) from None
 
 
 def _parse_tree(raw: Any, cycle_tolerate: bool) -> PipelineSpec:
@@ -102,7 +102,8 @@ def _parse_tree(raw: Any, cycle_tolerate: bool) -> PipelineSpec:
     for scope_spec in scopes.values():
         _check_graph(scope_spec, problems, cycle_tolerate=cycle_tolerate)
         if not problems:
-            converges.update(_find_converges(scope_spec, problems))
+            # Without cycle_tolerate, _check_graph has already refused any cycle.
+            converges.update(_find_converges(scope_spec, problems, acyclic=not cycle_tolerate))
     if problems:
         raise TreeError(problems)
     index = _build_index(scopes, converges, problems)
@@ -775,9 +776,33 @@ class _ConvergeFinder:
         return result
 
 
-def _find_converges(spec: PipelineSpec, problems: list[Problem]) -> dict[str, str]:
-    finder = _ConvergeFinder(spec, problems)
-    for node in spec.nodes.values():
-        if node.type in FORKING_GATEWAYS:
-            finder.converge(node.id)
+def _find_converges(spec: PipelineSpec, problems: list[Problem], *, acyclic: bool) -> dict[str, str]:
+    forks = [node.id for node in spec.nodes.values() if node.type in FORKING_GATEWAYS]
+    if acyclic or _find_cycle(spec) is None:
+        # The finder recurses into every fork it meets downstream; taken from the end of the flow backwards,
+        # each meets only forks already solved, so hundreds of parallel blocks in a row stay within Python's
+        # recursion limit. (Without cycles the answers do not depend on the order; with them the tree order is kept.)
+        distance = _distances_from_start(spec)
+        forks.sort(key=lambda fork_id: -distance.get(fork_id, 0))
+    found: list[Problem] = []
+    finder = _ConvergeFinder(spec, found)
+    for fork_id in forks:
+        finder.converge(fork_id)
+    position = {node_id: number for number, node_id in enumerate(spec.nodes)}
+    problems.extend(sorted(found, key=lambda problem: position.get(problem.node_id, 0)))
     return finder.converge_of
+
+
+def _distances_from_start(spec: PipelineSpec) -> dict[str, int]:
+    """Flows from the start event to each node it reaches, by the shortest path."""
+    distance = {spec.start_event_id: 0}
+    frontier = [spec.start_event_id]
+    while frontier:
+        following: list[str] = []
+        for node_id in frontier:
+            for target in spec.next_node_ids(node_id):
+                if target not in distance:
+                    distance[target] = distance[node_id] + 1
+                    following.append(target)
+        frontier = following
+    return distance

@@ -175,3 +175,53 @@ def test_subprocesses_nested_too_deeply_are_refused_not_crashed_on() -> None:
     with pytest.raises(TreeError) as raised:
         parse_tree(tree)
     assert raised.value.problems[0].code == "too_deep"
+
+
+def test_hundreds_of_parallel_blocks_in_a_row_each_find_their_converge() -> None:
+    blocks = 400  # the converge finder recursed once per block before: over 300 hit Python's recursion limit
+    activities: dict[str, Any] = {}
+    gateways: dict[str, Any] = {}
+    flows: dict[str, Any] = {}
+
+    def flow(source: str, target: str) -> str:
+        flow_id = f"f{len(flows)}"
+        flows[flow_id] = {"id": flow_id, "source": source, "target": target, "is_default": False}
+        return flow_id
+
+    previous = "start"
+    outgoing: dict[str, list[str]] = {"start": []}
+    incoming: dict[str, list[str]] = {}
+    for block in range(blocks):
+        fork, join = f"fork{block}", f"join{block}"
+        for node in (fork, join, f"a{block}", f"b{block}"):
+            outgoing.setdefault(node, [])
+        edges = [(previous, fork), (fork, f"a{block}"), (fork, f"b{block}"), (f"a{block}", join), (f"b{block}", join)]
+        for source, target in edges:
+            flow_id = flow(source, target)
+            outgoing[source].append(flow_id)
+            incoming.setdefault(target, []).append(flow_id)
+        previous = join
+    last = flow(previous, "end")
+    outgoing[previous].append(last)
+    incoming["end"] = [last]
+    for block in range(blocks):
+        gateways[f"fork{block}"] = {"type": "ParallelGateway", "id": f"fork{block}"}
+        gateways[f"join{block}"] = {"type": "ConvergeGateway", "id": f"join{block}"}
+        for name in (f"a{block}", f"b{block}"):
+            activities[name] = {"type": "ServiceActivity", "id": name, "component": {"code": "echo", "inputs": {}}}
+    for node_id, node in {**activities, **gateways}.items():
+        node["incoming"] = incoming[node_id]
+        node["outgoing"] = outgoing[node_id] if len(outgoing[node_id]) > 1 else outgoing[node_id][0]
+    tree = {
+        "id": "blocks",
+        "start_event": {"id": "start", "type": "EmptyStartEvent", "incoming": "", "outgoing": outgoing["start"][0]},
+        "end_event": {"id": "end", "type": "EmptyEndEvent", "incoming": incoming["end"], "outgoing": ""},
+        "activities": activities,
+        "gateways": gateways,
+        "flows": flows,
+        "data": {"inputs": {}, "outputs": []},
+    }
+    spec = parse_tree(tree)
+    assert spec.index is not None
+    converges = {fork: spec.index.converge_of[fork] for fork in (f"fork{block}" for block in range(blocks))}
+    assert converges == {f"fork{block}": f"join{block}" for block in range(blocks)}

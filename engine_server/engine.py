@@ -429,34 +429,6 @@ class Engine:
 
     # ------------------------------------------------------------ operations (called by the RPC layer)
 
-    async def start_pipeline(
-        self,
-        *,
-        tree_json: str,
-        spec: PipelineSpec,
-        presets: Mapping[str, Any],
-        pipeline_id: str = "",
-        name: str = "",
-        idempotency_key: str = "",
-        start_node_id: str = "",
-        cycle_tolerate: bool = False,
-        timeout_ms: int = 0,
-        failure_handler: str = "",
-    ) -> tuple[str, bool]:
-        result: tuple[str, bool] = await self.enqueue_start(
-            tree_json=tree_json,
-            spec=spec,
-            presets=presets,
-            pipeline_id=pipeline_id,
-            name=name,
-            idempotency_key=idempotency_key,
-            start_node_id=start_node_id,
-            cycle_tolerate=cycle_tolerate,
-            timeout_ms=timeout_ms,
-            failure_handler=failure_handler,
-        )
-        return result
-
     def enqueue_start(
         self,
         *,

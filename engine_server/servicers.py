@@ -183,11 +183,7 @@ class EngineServicer(engine_pb2_grpc.EngineServiceServicer):
             answer = next(answers) if isinstance(outcome, asyncio.Future) else outcome
             result = response.results.add()
             if isinstance(answer, BaseException):
-                if not isinstance(answer, EngineError):
-                    log.error("a StartPipelines item failed", exc_info=answer)
-                    answer = Internal("the engine failed to start this pipeline; see the server log")
-                result.error.code = STATUS_CODES.get(type(answer), grpc.StatusCode.INTERNAL).value[0]
-                result.error.message = str(answer)
+                _set_error(result.error, answer, what="starting this pipeline")
             else:
                 result.started.pipeline_id, result.started.created = answer
         return response
@@ -623,8 +619,6 @@ def _answer_report(outbox: _Outbox, reply: worker_pb2.StreamReply, kind: str, fu
         return
     error = future.exception()
     if error is not None:
-        if not isinstance(error, EngineError):
-            log.error("a TaskStream report failed", exc_info=error)
         outbox.answer(_stream_error(reply, error))
     elif kind == "complete":
         reply.complete.CopyFrom(_complete_response(future.result()))
@@ -638,13 +632,20 @@ def _answer_report(outbox: _Outbox, reply: worker_pb2.StreamReply, kind: str, fu
 
 
 def _stream_error(reply: worker_pb2.StreamReply, error: BaseException) -> worker_pb2.StreamReply:
-    if isinstance(error, EngineError):
-        code, message = STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL), str(error)
-    else:
-        code, message = grpc.StatusCode.INTERNAL, "the report failed inside the engine; see its log"
-    reply.error.code = code.value[0]
-    reply.error.message = message
+    _set_error(reply.error, error, what="the report")
     return reply
+
+
+def _set_error(field: Any, error: BaseException, *, what: str) -> None:
+    """Fills an item's error (a StreamError, a StartError) with the status its unary call would have ended with;
+    an unexpected exception is logged and answered as INTERNAL."""
+    if isinstance(error, EngineError):
+        field.code = STATUS_CODES.get(type(error), grpc.StatusCode.INTERNAL).value[0]
+        field.message = str(error)
+    else:
+        log.error("%s failed", what, exc_info=error)
+        field.code = grpc.StatusCode.INTERNAL.value[0]
+        field.message = f"{what} failed inside the engine; see its log"
 
 
 def _heartbeat_response(result: HeartbeatResult) -> worker_pb2.HeartbeatResponse:

@@ -23,12 +23,11 @@ import grpc
 from engine_api.engine.v1 import worker_pb2
 from worker_sdk._models import Task
 from worker_sdk._transport import WorkerTransport, task_from_proto
-from worker_sdk.errors import DeadlineExceeded, Unavailable, error_for_status, from_rpc_error
+from worker_sdk.errors import DeadlineExceeded, Unavailable, error_for_code, from_rpc_error
 
 # Reports are packed into one message up to this size; a single larger report goes alone (the server
 # accepts messages up to its payload limit plus framing).
 _MAX_PACKED_BYTES = 512 * 1024
-_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 
 
 class _StreamClosed(Unavailable):
@@ -144,8 +143,7 @@ class StreamSession:
             if waiting is None:
                 return  # its sender gave up (timed out) and will retry
             if reply.WhichOneof("result") == "error":
-                status = _STATUS_BY_NUMBER.get(reply.error.code, grpc.StatusCode.UNKNOWN)
-                _settle(waiting, error=error_for_status(status, reply.error.message))
+                _settle(waiting, error=error_for_code(reply.error.code, reply.error.message))
             else:
                 _settle(waiting, result=reply)
 

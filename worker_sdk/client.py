@@ -21,7 +21,7 @@ import grpc
 
 from engine_api.engine.v1 import engine_pb2
 from worker_sdk._transport import ChannelOptions, EngineTransport, Metadata, encode_json, open_channel
-from worker_sdk.errors import DeadlineExceeded, EngineError, error_for_status, is_transient
+from worker_sdk.errors import DeadlineExceeded, EngineError, error_for_code, is_transient
 
 __all__ = ["FINAL_STATES", "EngineClient", "PipelineStart", "StartResult", "WaitTimeout"]
 
@@ -48,8 +48,6 @@ def start_calls(
         calls.append(requests[begin:])
     return calls
 
-
-_STATUS_BY_NUMBER = {status.value[0]: status for status in grpc.StatusCode}
 
 FINAL_STATES: tuple[str, ...] = ("FINISHED", "FAILED", "REVOKED")
 """Pipeline states `EngineClient.wait` stops at by default (FAILED can still be retried)."""
@@ -206,8 +204,7 @@ class EngineClient:
                 continue
             for answer in answers:
                 if answer.WhichOneof("result") == "error":
-                    status = _STATUS_BY_NUMBER.get(answer.error.code, grpc.StatusCode.UNKNOWN)
-                    results.append(StartResult("", False, error_for_status(status, answer.error.message)))
+                    results.append(StartResult("", False, error_for_code(answer.error.code, answer.error.message)))
                 else:
                     results.append(StartResult(answer.started.pipeline_id, answer.started.created))
         return results

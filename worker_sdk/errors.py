@@ -140,6 +140,14 @@ def error_for_status(status: grpc.StatusCode, message: str) -> EngineError:
     return error_class(message)
 
 
+_STATUS_BY_NUMBER: Final[dict[int, grpc.StatusCode]] = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def error_for_code(code: int, message: str) -> EngineError:
+    """The typed exception for a status code sent as a number (a stream reply's or a batch item's error)."""
+    return error_for_status(_STATUS_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN), message)
+
+
 def from_rpc_error(error: grpc.RpcError) -> EngineError:
     """Converts the error raised by a gRPC call, keeping the server's message verbatim."""
     # Errors raised by calls are also `grpc.Call`s; anything else (rare) has no status to read.

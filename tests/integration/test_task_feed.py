@@ -37,7 +37,7 @@ def test_credit_granted_while_a_full_claim_runs_does_not_make_the_feed_wait(tmp_
         earlier = Engine(store, settings)
         await earlier.start()
         tree = json.dumps(_parallel_tasks(20))
-        await earlier.start_pipeline(tree_json=tree, spec=parse_tree(load_tree_json(tree)), presets={})
+        await earlier.enqueue_start(tree_json=tree, spec=parse_tree(load_tree_json(tree)), presets={})
         await earlier.stop()
 
     asyncio.run(queue_a_backlog())

@@ -113,6 +113,7 @@ def run_scenarios(
         args.scale,
         engine.check_alive,
         server_pid=engine.server_pid,
+        worker_pids=engine.worker_pids,
         sustained_seconds=args.sustained_seconds,
         idle_seconds=args.idle_seconds,
         client_processes=args.client_processes,
@@ -137,11 +138,16 @@ def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Nam
         runs: list[RunResult] = []
         for number in range(1, args.repeat + 1):
             cpu_before = cpu_seconds(measured.server_pid) if measured.server_pid else None
+            workers_cpu_before = sum(cpu_seconds(pid) for pid in measured.worker_pids)
             result = scenario.run(measured)
             if cpu_before is not None and measured.server_pid and result.tasks:
                 # Steadier than wall time on a shared machine; includes the scenario's reads of the results.
                 server_cpu_s = cpu_seconds(measured.server_pid) - cpu_before
                 result.figures["server_cpu_ms_per_task"] = 1000 * server_cpu_s / result.tasks
+            if measured.worker_pids and result.tasks:
+                # The workers run on the same cores: what they burn, the server cannot use.
+                workers_cpu_s = sum(cpu_seconds(pid) for pid in measured.worker_pids) - workers_cpu_before
+                result.figures["workers_cpu_ms_per_task"] = 1000 * workers_cpu_s / result.tasks
             runs.append(result)
             latency = result.to_json()["latency"][scenario.headline_latency]
             progress(

@@ -91,6 +91,10 @@ class RunningEngine:
         assert self.server.process is not None, "the server was not started"
         return self.server.process.pid
 
+    @property
+    def worker_pids(self) -> tuple[int, ...]:
+        return tuple(worker.process.pid for worker in self.workers if worker.process is not None)
+
     def check_alive(self) -> None:
         """Raises if a process died: a scenario would otherwise just wait for work nobody does."""
         for process in (self.server, *self.workers):

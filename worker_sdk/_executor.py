@@ -1,8 +1,10 @@
 """Runs claimed tasks and reports their results.
 
 A plain component runs on a thread of the worker's pool; an ``async def`` one runs on the worker's
-event loop thread, and only its report goes through the pool. Either way a task holds one slot
-from claim to report, so the worker never has more than `concurrency` tasks in flight.
+event loop thread. On a task stream (which lives on that loop) every report is sent from the loop:
+a pool thread hands its component's outcome over and is free at once, instead of waiting for the
+engine's reply. Either way a task holds one slot from claim to report, so the worker never has more
+than `concurrency` tasks in flight.
 
 Reports survive short outages: transient errors are retried with backoff for a bounded time. A
 refused token (FAILED_PRECONDITION) means another attempt owns the node now, so the result is
@@ -17,7 +19,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -26,7 +28,8 @@ from typing import Any, TypeVar
 from worker_sdk._backoff import Backoff
 from worker_sdk._heartbeat import HeartbeatManager
 from worker_sdk._models import Task
-from worker_sdk._transport import WorkerTransport
+from worker_sdk._threads import EventLoopThread
+from worker_sdk._transport import WorkerTransport, complete_request, fail_request
 from worker_sdk.component import (
     AwaitCallback,
     Component,
@@ -49,43 +52,6 @@ T = TypeVar("T")
 _TRUNCATED_MESSAGE_CHARS = 2000
 
 
-class EventLoopThread:
-    """An asyncio loop on its own daemon thread, for ``async def`` components."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="worker_sdk-asyncio", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, coroutine: Coroutine[Any, Any, None]) -> concurrent.futures.Future[None]:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.loop.is_closed():
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            return  # closed meanwhile
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            # Components still running past the shutdown grace are cancelled, not left pending.
-            pending = asyncio.all_tasks(self.loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            self.loop.close()
-
-
 @dataclass(eq=False)
 class _Running:
     task: Task
@@ -93,6 +59,19 @@ class _Running:
     component: Component | None
     cancel_coroutine: Callable[[], None] | None = None
     ran: bool = False  # the component has returned (or never ran); its result may still be reporting
+
+
+@dataclass(frozen=True)
+class _Send:
+    """One report a report flow asks to have delivered."""
+
+    what: str  # for logs: "completion" or "failure"
+    kind: str  # the transport's report kind: "complete" or "fail"
+    request: Any
+
+
+# A report flow yields what to send and is sent back the reply (None: dropped); InvalidArgument is thrown in.
+_ReportFlow = Generator[_Send, Any, None]
 
 
 class TaskExecutor:
@@ -109,12 +88,16 @@ class TaskExecutor:
         report_timeout: float,
         on_finished: Callable[[], None],
         on_ran: Callable[[], None] | None = None,
+        reports_on_loop: bool = False,
     ) -> None:
+        if reports_on_loop and event_loop is None:
+            raise ValueError("reports_on_loop needs an event loop")
         self._components = components
         self._transport = transport
         self._heartbeats = heartbeats
         self._pool = pool
         self._event_loop = event_loop
+        self._reports_on_loop = reports_on_loop
         self._worker_id = worker_id
         self._rpc_timeout = rpc_timeout
         self._report_timeout = report_timeout
@@ -139,7 +122,10 @@ class TaskExecutor:
             if component is not None and task.payload_error is None and component.is_async(task.kind):
                 if self._event_loop is None:
                     raise RuntimeError("no event loop for an async component")  # guarded by Worker
-                self._event_loop.submit(self._run_async(running, component))
+                if self._event_loop.is_current():
+                    self._event_loop.loop.create_task(self._run_async(running, component))
+                else:
+                    self._event_loop.submit(self._run_async(running, component))
             else:
                 self._pool.submit(self._run_sync, running)
         except RuntimeError:
@@ -201,6 +187,7 @@ class TaskExecutor:
         return None
 
     def _run_sync(self, running: _Running) -> None:
+        handed_over = False
         try:
             outcome: Outcome | None = self._refusal(running)
             if outcome is None and running.component is not None:
@@ -209,11 +196,34 @@ class TaskExecutor:
                     outcome = invoke(running.component, running.ctx)
                 finally:
                     self._heartbeats.untrack(running.task.token)
-            self._ran(running)
-            if outcome is not None:
-                self._report(running, outcome)
+            handed_over = self._reports_on_loop and self._hand_to_loop(running, outcome)
+            if not handed_over:
+                self._ran(running)
+                if outcome is not None:
+                    self._report(running, outcome)
         except Exception:
             logger.exception("internal error while handling %s", running.task.describe())
+        finally:
+            if not handed_over:  # otherwise the loop finishes it once reported
+                self._finish(running)
+
+    def _hand_to_loop(self, running: _Running, outcome: Outcome | None) -> bool:
+        assert self._event_loop is not None
+
+        def report_on_loop() -> None:
+            self._event_loop.loop.create_task(self._report_then_finish(running, outcome))  # type: ignore[union-attr]
+
+        return self._event_loop.call_soon(report_on_loop)
+
+    async def _report_then_finish(self, running: _Running, outcome: Outcome | None) -> None:
+        try:
+            # The slot's credit, then the report, with no await between: the stream's writer runs after both
+            # are queued and sends them in one message, which the engine answers in one batch.
+            self._ran(running)
+            if outcome is not None:
+                await self._report_async(running, outcome)
+        except Exception:
+            logger.exception("internal error while reporting %s", running.task.describe())
         finally:
             self._finish(running)
 
@@ -234,7 +244,7 @@ class TaskExecutor:
             finally:
                 self._heartbeats.untrack(running.task.token)
             self._ran(running)
-            await loop.run_in_executor(self._pool, self._report, running, outcome)
+            await self._report_async(running, outcome)
         except asyncio.CancelledError:
             if not running.ctx.cancelled.is_set():
                 raise  # the loop itself is closing
@@ -261,40 +271,73 @@ class TaskExecutor:
     # --- reporting ---------------------------------------------------------------------------------
 
     def _report(self, running: _Running, outcome: Outcome) -> None:
+        """Runs the report flow on this thread, each send a blocking call."""
+        flow = self._report_flow(running, outcome)
+        reply: Any = None
+        refused: InvalidArgument | None = None
+        while True:
+            try:
+                send = flow.throw(refused) if refused is not None else flow.send(reply)
+            except StopIteration:
+                return
+            refused = None
+            try:
+                reply = self._deliver(running.task, send.what, self._send_blocking(send))
+            except InvalidArgument as error:
+                refused = error
+
+    async def _report_async(self, running: _Running, outcome: Outcome) -> None:
+        """Runs the report flow on the event loop."""
+        flow = self._report_flow(running, outcome)
+        reply: Any = None
+        refused: InvalidArgument | None = None
+        while True:
+            try:
+                send = flow.throw(refused) if refused is not None else flow.send(reply)
+            except StopIteration:
+                return
+            refused = None
+            try:
+                reply = await self._deliver_async(running.task, send.what, self._send_on_loop(send))
+            except InvalidArgument as error:
+                refused = error
+
+    def _send_blocking(self, send: _Send) -> Callable[[float], Any]:
+        return lambda timeout: self._transport.send_report(send.kind, send.request, timeout)
+
+    def _send_on_loop(self, send: _Send) -> Callable[[float], Awaitable[Any]]:
+        return lambda timeout: self._transport.send_report_async(send.kind, send.request, timeout, self._pool)
+
+    def _report_flow(self, running: _Running, outcome: Outcome) -> _ReportFlow:
+        """What reporting `outcome` sends, in order, whichever thread or loop delivers it."""
         task = running.task
         if running.ctx.cancelled.is_set():
             logger.info("%s was cancelled; result dropped", task.describe())
             return
         if isinstance(outcome, Failure):
-            self._report_failure(running, outcome)
+            yield from self._failure_flow(running, outcome)
             return
         poll_after_ms = outcome.after_ms if isinstance(outcome, PollAgain) else 0
         await_callback = isinstance(outcome, AwaitCallback)
         try:
-            delivered = self._deliver(
-                task,
-                "completion",
-                lambda timeout: self._transport.complete_task(
-                    task.token,
-                    outputs=outcome.outputs,
-                    poll_after_ms=poll_after_ms,
-                    await_callback=await_callback,
-                    timeout=timeout,
-                ),
+            request = complete_request(
+                task.token, outputs=outcome.outputs, poll_after_ms=poll_after_ms, await_callback=await_callback
             )
         except (TypeError, ValueError) as error:
-            self._report_failure(
+            yield from self._failure_flow(
                 running, Failure(f"the outputs are not JSON-serialisable: {format_exception(error)}", exception=error)
             )
             return
+        try:
+            delivered = yield _Send("completion", "complete", request)
         except InvalidArgument as error:
-            self._report_failure(running, Failure(f"the engine refused the outputs: {error.message}"))
+            yield from self._failure_flow(running, Failure(f"the engine refused the outputs: {error.message}"))
             return
         if delivered is not None:
             what = "done" if isinstance(outcome, Done) else "poll again" if poll_after_ms else "await callback"
             logger.debug("reported %s: %s", task.describe(), what)
 
-    def _report_failure(self, running: _Running, failure: Failure) -> None:
+    def _failure_flow(self, running: _Running, failure: Failure) -> _ReportFlow:
         task = running.task
         logger.info(
             "%s failed%s: %s",
@@ -304,68 +347,94 @@ class TaskExecutor:
             exc_info=failure.exception,
         )
 
-        def send(message: str) -> Callable[[float], object]:
-            return lambda timeout: self._transport.fail_task(
+        def send(message: str) -> _Send:
+            request = fail_request(
                 task.token,
                 error_message=message,
                 retryable=failure.retryable,
                 retry_after_ms=failure.retry_after_ms,
-                timeout=timeout,
             )
+            return _Send("failure", "fail", request)
 
         try:
-            self._deliver(task, "failure", send(failure.message))
+            yield send(failure.message)
         except InvalidArgument as error:
             if len(failure.message) <= _TRUNCATED_MESSAGE_CHARS:
                 logger.error("the engine refused the failure of %s: %s; dropped", task.describe(), error)
                 return
             shortened = failure.message[:_TRUNCATED_MESSAGE_CHARS] + " ... (truncated)"
             try:
-                self._deliver(task, "failure", send(shortened))
+                yield send(shortened)
             except InvalidArgument as second_error:
                 logger.error("the engine refused the failure of %s: %s; dropped", task.describe(), second_error)
 
     def _deliver(self, task: Task, what: str, call: Callable[[float], T]) -> T | None:
         """Sends one report, retrying transient errors; None if it was dropped.
 
-        Raises InvalidArgument (the caller can send something smaller), and whatever `call` raises
-        before reaching the network (such as a JSON encoding error).
+        Raises InvalidArgument: the caller can send something smaller.
         """
         deadline = time.monotonic() + self._report_timeout
         backoff = Backoff(0.2, 5.0)
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                return call(max(0.1, min(self._rpc_timeout, remaining)))
-            except FailedPrecondition as error:
-                logger.info("%s: stale token, result dropped (%s)", task.describe(), error.message)
-                return None
-            except NotFound as error:
-                logger.warning("%s: the engine no longer knows it, result dropped (%s)", task.describe(), error)
-                return None
+                return call(self._attempt_timeout(deadline))
             except InvalidArgument:
                 raise
             except EngineError as error:
-                if self._abandoned.is_set():
-                    logger.warning("%s: shutting down, %s not sent (%s)", task.describe(), what, error)
+                delay = self._retry_delay(task, what, error, backoff, deadline)
+                if delay is None:
                     return None
-                if not is_transient(error):
-                    logger.error("%s: sending the %s failed: %s; dropped", task.describe(), what, error)
-                    return None
-                delay = backoff.next_delay()
-                if time.monotonic() + delay > deadline:
-                    logger.error(
-                        "%s: gave up sending the %s after %.0f s (%s); the engine will offer the task "
-                        "again when its lease expires",
-                        task.describe(),
-                        what,
-                        self._report_timeout,
-                        error,
-                    )
-                    return None
-                logger.warning(
-                    "%s: sending the %s failed (%s); retrying in %.1f s", task.describe(), what, error, delay
-                )
                 if self._abandoned.wait(delay):
                     logger.warning("%s: shutting down, %s not sent", task.describe(), what)
                     return None
+
+    async def _deliver_async(self, task: Task, what: str, call: Callable[[float], Awaitable[T]]) -> T | None:
+        """`_deliver` on the event loop."""
+        deadline = time.monotonic() + self._report_timeout
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            try:
+                return await call(self._attempt_timeout(deadline))
+            except InvalidArgument:
+                raise
+            except EngineError as error:
+                delay = self._retry_delay(task, what, error, backoff, deadline)
+                if delay is None:
+                    return None
+                await asyncio.sleep(delay)
+                if self._abandoned.is_set():
+                    logger.warning("%s: shutting down, %s not sent", task.describe(), what)
+                    return None
+
+    def _attempt_timeout(self, deadline: float) -> float:
+        return max(0.1, min(self._rpc_timeout, deadline - time.monotonic()))
+
+    def _retry_delay(
+        self, task: Task, what: str, error: EngineError, backoff: Backoff, deadline: float
+    ) -> float | None:
+        """How long to wait before sending a report again after `error`; None when it is dropped."""
+        if isinstance(error, FailedPrecondition):
+            logger.info("%s: stale token, result dropped (%s)", task.describe(), error.message)
+            return None
+        if isinstance(error, NotFound):
+            logger.warning("%s: the engine no longer knows it, result dropped (%s)", task.describe(), error)
+            return None
+        if self._abandoned.is_set():
+            logger.warning("%s: shutting down, %s not sent (%s)", task.describe(), what, error)
+            return None
+        if not is_transient(error):
+            logger.error("%s: sending the %s failed: %s; dropped", task.describe(), what, error)
+            return None
+        delay = backoff.next_delay()
+        if time.monotonic() + delay > deadline:
+            logger.error(
+                "%s: gave up sending the %s after %.0f s (%s); the engine will offer the task "
+                "again when its lease expires",
+                task.describe(),
+                what,
+                self._report_timeout,
+                error,
+            )
+            return None
+        logger.warning("%s: sending the %s failed (%s); retrying in %.1f s", task.describe(), what, error, delay)
+        return delay

@@ -56,6 +56,9 @@ class HeartbeatManager:
         self._rpc_timeout = rpc_timeout
         self._leases: dict[str, _Lease] = {}
         self._cond = threading.Condition()
+        # When the manager's thread wakes up by itself (inf: never; None: it is not waiting). Tracking a task
+        # wakes it only for an earlier heartbeat: a wake-up per task cost a worker as much as the task.
+        self._sleeping_until: float | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="worker_sdk-heartbeat", daemon=True)
 
@@ -80,7 +83,7 @@ class HeartbeatManager:
         )
         with self._cond:
             self._leases[task.token] = lease
-            self._cond.notify_all()
+            self._wake_for(lease.next_due)
 
     def untrack(self, token: str) -> None:
         with self._cond:
@@ -102,6 +105,11 @@ class HeartbeatManager:
                 lease.forced = True
                 return
             lease.next_due = min(lease.next_due, max(time.monotonic(), lease.last_sent + _MIN_SPACING))
+            self._wake_for(lease.next_due)
+
+    def _wake_for(self, due: float) -> None:
+        """Holds `_cond`."""
+        if self._sleeping_until is not None and due < self._sleeping_until:
             self._cond.notify_all()
 
     def _interval(self, lease_deadline: float | None) -> float:
@@ -136,7 +144,11 @@ class HeartbeatManager:
             if due:
                 return due
             earliest = min((lease.next_due for lease in idle), default=None)
-            self._cond.wait(None if earliest is None else earliest - now)
+            self._sleeping_until = math.inf if earliest is None else earliest
+            try:
+                self._cond.wait(None if earliest is None else earliest - now)
+            finally:
+                self._sleeping_until = None
         return None
 
     def _send(self, lease: _Lease, progress_json: str) -> None:

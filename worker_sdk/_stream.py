@@ -4,6 +4,11 @@ A long poll costs a unary call per batch of tasks, and every report another. On 
 work is a few messages, which is what lets a Python worker keep up with thousands of tasks a second.
 The worker grants the server one credit per free slot; the server never sends more tasks than that.
 
+The stream lives on the worker's event loop (grpc.aio): tasks are read, replies routed and reports
+written there without a thread per step, and an ``async def`` component runs and reports without
+leaving the loop. Thread hand-offs, not the network, were what a task cost a threaded worker: the
+stream's own threads, a pool thread blocked on each reply, and waking each of them.
+
 Reports (complete, fail, heartbeat) are matched to their replies by a request id. When no stream is
 open, or it broke, the same reports go out as unary calls: task tokens are valid for both, so a
 result is never stuck behind a reconnecting stream.
@@ -11,19 +16,23 @@ result is never stuck behind a reconnecting stream.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
-import queue
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from engine_api.engine.v1 import worker_pb2
+from engine_api.engine.v1 import worker_pb2, worker_pb2_grpc
 from worker_sdk._models import Task
-from worker_sdk._transport import WorkerTransport, task_from_proto
-from worker_sdk.errors import DeadlineExceeded, Unavailable, error_for_code, from_rpc_error
+from worker_sdk._threads import EventLoopThread
+from worker_sdk._transport import Metadata, WorkerTransport, task_from_proto
+from worker_sdk.errors import DeadlineExceeded, Unavailable, error_for_code, error_for_status, from_rpc_error
+
+logger = logging.getLogger("worker_sdk")
 
 # Reports are packed into one message up to this size; a single larger report goes alone (the server
 # accepts messages up to its payload limit plus framing).
@@ -35,166 +44,202 @@ class _StreamClosed(Unavailable):
 
 
 class StreamSession:
-    """One open TaskStream. `tasks()` reads it on the calling thread; other threads send on it.
+    """One TaskStream call, run by `run()` on the worker's event loop.
 
-    What other threads send is queued as credits and reports; gRPC's sending thread packs everything
-    queued into one message, so a busy worker sends few messages.
+    `grant` and `send_blocking` may be called from any thread; `send` and everything else only on the loop.
+    Credit and reports are queued and written by one writer, which packs whatever is queued when it gets
+    to write into one message, so a busy worker sends few messages.
     """
 
-    def __init__(self, transport: WorkerTransport, *, worker_id: str, component_codes: tuple[str, ...], credit: int):
-        self._outgoing: queue.SimpleQueue[int | worker_pb2.StreamReport | None] = queue.SimpleQueue()
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        event_loop: EventLoopThread,
+        *,
+        metadata: Metadata,
+        worker_id: str,
+        component_codes: tuple[str, ...],
+        credit: int,
+    ) -> None:
+        self._channel = channel
+        self._event_loop = event_loop
+        self._loop = event_loop.loop
+        self._metadata = tuple(metadata)
         self._hello = worker_pb2.StreamHello(worker_id=worker_id, component_codes=component_codes)
-        if credit > 0:
-            self._outgoing.put(credit)
-        # Reentrant: Worker.stop() may run in a signal handler on the thread that holds it.
-        self._lock = threading.RLock()
-        self._replies: dict[int, concurrent.futures.Future[worker_pb2.StreamReply]] = {}
+        self._credit = max(credit, 0)
+        self._reports: list[worker_pb2.StreamReport] = []
+        self._replies: dict[int, asyncio.Future[worker_pb2.StreamReply]] = {}
         self._request_ids = itertools.count(1)
+        self._queued = asyncio.Event()
+        self._call: Any = None
         self._closed = False
-        self._call = transport.stub.TaskStream(self._requests(), metadata=transport.metadata)
 
-    def _requests(self) -> Iterator[worker_pb2.TaskStreamRequest]:
-        yield worker_pb2.TaskStreamRequest(hello=self._hello)
-        carried: int | worker_pb2.StreamReport | None = None
-        while True:
-            item = carried if carried is not None else self._outgoing.get()
-            carried = None
-            message = worker_pb2.TaskStreamRequest()
-            size = 0
-            while True:
-                if item is None:
-                    if message.credit or message.reports:
-                        yield message
-                    return
-                if isinstance(item, int):
-                    message.credit += item
-                else:
-                    size += item.ByteSize()
-                    if message.reports and size > _MAX_PACKED_BYTES:
-                        carried = item  # starts the next message
-                        break
-                    message.reports.append(item)
-                if self._outgoing.empty():
-                    break
-                item = self._outgoing.get_nowait()
-            yield message
+    def on_loop(self) -> bool:
+        """Whether the caller runs on the session's event loop."""
+        return self._event_loop.is_current()
 
-    def tasks(self) -> Iterator[Task]:
-        """Yields tasks as they arrive and routes replies to their senders; raises EngineError when the
-        stream ends with an error, returns when it ends cleanly."""
+    # --- on the loop -------------------------------------------------------------------------------
+
+    async def run(self, on_tasks: Callable[[list[Task]], None]) -> None:
+        """Opens the stream and hands arriving tasks to `on_tasks` until it ends: returns when the server
+        ends it cleanly, raises EngineError when it fails (CANCELLED after `interrupt`)."""
+        if self._closed:
+            return  # interrupted before it opened
+        stub = worker_pb2_grpc.WorkerServiceStub(self._channel)
+        self._call = stub.TaskStream(metadata=self._metadata)
+        writer = asyncio.create_task(self._write_queued())
         try:
-            for response in self._call:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    return
                 for reply in response.replies:
                     self._route(reply)
-                for task in response.tasks:
-                    yield task_from_proto(task)
+                if response.tasks:
+                    on_tasks([task_from_proto(task) for task in response.tasks])
         except grpc.RpcError as error:
             raise from_rpc_error(error) from error
-        finally:
-            self.close()
-
-    def grant(self, credit: int) -> None:
-        """Tells the server the worker can take `credit` more tasks."""
-        with self._lock:
+        except asyncio.CancelledError:
             if not self._closed:
-                self._outgoing.put(credit)
+                raise  # this coroutine itself was cancelled: the loop is closing
+            # grpc.aio raises CancelledError from a call cancelled locally (by `interrupt`).
+            raise error_for_status(grpc.StatusCode.CANCELLED, "the task stream was closed by the worker") from None
+        finally:
+            self._close()
+            writer.cancel()
 
-    def send(self, timeout: float, **report: Any) -> worker_pb2.StreamReply:
+    async def send(self, timeout: float, **report: Any) -> worker_pb2.StreamReply:
         """Sends one report (`complete=`, `fail=` or `heartbeat=`) and waits for its reply.
 
         Raises Unavailable when the stream is (or becomes) closed: the caller sends it another way.
         """
-        with self._lock:
-            if self._closed:
-                raise _StreamClosed("the task stream is closed")
-            request_id = next(self._request_ids)
-            reply: concurrent.futures.Future[worker_pb2.StreamReply] = concurrent.futures.Future()
-            self._replies[request_id] = reply
-            self._outgoing.put(worker_pb2.StreamReport(request_id=request_id, **report))
+        if self._closed:
+            raise _StreamClosed("the task stream is closed")
+        request_id = next(self._request_ids)
+        reply: asyncio.Future[worker_pb2.StreamReply] = self._loop.create_future()
+        self._replies[request_id] = reply
+        self._reports.append(worker_pb2.StreamReport(request_id=request_id, **report))
+        self._queued.set()
         try:
-            return reply.result(timeout)
-        except concurrent.futures.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await reply
+        except TimeoutError:
             raise DeadlineExceeded(f"no reply on the task stream within {timeout:.1f} s") from None
         finally:
-            with self._lock:
-                self._replies.pop(request_id, None)
+            self._replies.pop(request_id, None)
 
-    def interrupt(self) -> None:
-        """Cancels the call without taking any lock (safe in a signal handler); `tasks()` then ends and
-        closes the session on its own thread."""
-        self._call.cancel()
+    def add_credit(self, credit: int) -> None:
+        if not self._closed:
+            self._credit += credit
+            self._queued.set()
 
-    def close(self) -> None:
-        """Ends the stream; reports waiting for a reply fail with Unavailable (their senders retry)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            waiting = list(self._replies.values())
-            self._replies.clear()
-            for reply in waiting:
-                _settle(reply, error=Unavailable("the task stream ended before the engine replied"))
-        self._outgoing.put(None)
-        self._call.cancel()
+    async def _write_queued(self) -> None:
+        first = True
+        try:
+            while True:
+                if not first:
+                    await self._queued.wait()
+                self._queued.clear()
+                while first or self._credit or self._reports:
+                    message = self._next_message(hello=first)
+                    first = False
+                    await self._call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the call ended, or cannot carry this: end it, the reader reconnects
+            logger.debug("writing to the task stream failed: %s", error)
+            self._close()
+
+    def _next_message(self, *, hello: bool) -> worker_pb2.TaskStreamRequest:
+        message = worker_pb2.TaskStreamRequest(credit=self._credit)
+        if hello:
+            message.hello.CopyFrom(self._hello)
+        self._credit = 0
+        size = 0
+        taken = 0
+        for report in self._reports:
+            size += report.ByteSize()
+            if taken and size > _MAX_PACKED_BYTES:
+                break  # the rest starts the next message
+            taken += 1
+        message.reports.extend(self._reports[:taken])
+        del self._reports[:taken]
+        return message
 
     def _route(self, reply: worker_pb2.StreamReply) -> None:
-        with self._lock:
-            waiting = self._replies.get(reply.request_id)
-            if waiting is None:
-                return  # its sender gave up (timed out) and will retry
-            if reply.WhichOneof("result") == "error":
-                _settle(waiting, error=error_for_code(reply.error.code, reply.error.message))
-            else:
-                _settle(waiting, result=reply)
-
-
-def _settle(
-    future: concurrent.futures.Future[worker_pb2.StreamReply],
-    *,
-    result: worker_pb2.StreamReply | None = None,
-    error: BaseException | None = None,
-) -> None:
-    """Resolves a reply once; a second resolution (close and a late reply racing) is ignored."""
-    if future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(error)
+        waiting = self._replies.get(reply.request_id)
+        if waiting is None or waiting.done():
+            return  # its sender gave up (timed out) and will retry
+        if reply.WhichOneof("result") == "error":
+            waiting.set_exception(error_for_code(reply.error.code, reply.error.message))
         else:
-            future.set_result(result)  # type: ignore[arg-type]
-    except concurrent.futures.InvalidStateError:
-        pass
+            waiting.set_result(reply)
+
+    def _close(self) -> None:
+        """Reports waiting for a reply fail with Unavailable (their senders retry as unary calls)."""
+        if self._closed:
+            return
+        self._closed = True
+        for reply in self._replies.values():
+            if not reply.done():
+                reply.set_exception(Unavailable("the task stream ended before the engine replied"))
+        self._replies.clear()
+        self._reports.clear()
+        if self._call is not None:
+            self._call.cancel()
+
+    # --- from any thread ---------------------------------------------------------------------------
+
+    def grant(self, credit: int) -> None:
+        """Tells the server the worker can take `credit` more tasks."""
+        if self.on_loop():
+            self.add_credit(credit)
+        else:
+            self._event_loop.call_soon(self.add_credit, credit)
+
+    def send_blocking(self, timeout: float, **report: Any) -> worker_pb2.StreamReply:
+        """`send` for a thread other than the loop's (heartbeats)."""
+        future = asyncio.run_coroutine_threadsafe(self.send(timeout, **report), self._loop)
+        try:
+            return future.result(timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise DeadlineExceeded(f"no reply on the task stream within {timeout:.1f} s") from None
+
+    def interrupt(self) -> None:
+        """Ends the stream; safe from a signal handler. `run()` then raises CANCELLED (or returns at once)."""
+        self._event_loop.call_soon(self._close)  # a closed loop has closed the stream already
 
 
 class StreamingTransport(WorkerTransport):
     """A WorkerTransport whose reports use the attached stream while there is one, unary calls otherwise."""
 
-    def __init__(self, channel: grpc.Channel, metadata: Any = ()) -> None:
+    def __init__(self, channel: grpc.Channel, metadata: Metadata = ()) -> None:
         super().__init__(channel, metadata)
         self._session: StreamSession | None = None
+        self._lock = threading.Lock()
 
     def attach(self, session: StreamSession | None) -> None:
-        self._session = session
+        with self._lock:
+            self._session = session
 
-    def _via_stream(self, timeout: float, **report: Any) -> worker_pb2.StreamReply | None:
+    async def send_report_async(
+        self, kind: str, request: Any, timeout: float, pool: concurrent.futures.Executor
+    ) -> Any:
         session = self._session
-        if session is None:
-            return None
-        try:
-            return session.send(timeout, **report)
-        except _StreamClosed:
-            return None
+        if session is not None and session.on_loop():
+            try:
+                reply = await session.send(timeout, **{kind: request})
+                return getattr(reply, kind)
+            except _StreamClosed:
+                pass
+        return await super().send_report_async(kind, request, timeout, pool)
 
-    def _send_heartbeat(self, request: worker_pb2.HeartbeatRequest, timeout: float) -> worker_pb2.HeartbeatResponse:
-        reply = self._via_stream(timeout, heartbeat=request)
-        return reply.heartbeat if reply is not None else super()._send_heartbeat(request, timeout)
-
-    def _send_complete(
-        self, request: worker_pb2.CompleteTaskRequest, timeout: float
-    ) -> worker_pb2.CompleteTaskResponse:
-        reply = self._via_stream(timeout, complete=request)
-        return reply.complete if reply is not None else super()._send_complete(request, timeout)
-
-    def _send_fail(self, request: worker_pb2.FailTaskRequest, timeout: float) -> worker_pb2.FailTaskResponse:
-        reply = self._via_stream(timeout, fail=request)
-        return reply.fail if reply is not None else super()._send_fail(request, timeout)
+    def send_report(self, kind: str, request: Any, timeout: float) -> Any:
+        session = self._session
+        if session is not None and not session.on_loop():
+            try:
+                return getattr(session.send_blocking(timeout, **{kind: request}), kind)
+            except _StreamClosed:
+                pass
+        return super().send_report(kind, request, timeout)

@@ -1,4 +1,4 @@
-"""A thread pool whose threads do not keep the process alive.
+"""The worker's threads: a pool whose threads do not keep the process alive, and an event loop thread.
 
 `concurrent.futures.ThreadPoolExecutor` joins its threads at interpreter exit, so one component
 stuck in a blocking call would hold a stopped worker process forever. After the shutdown grace
@@ -8,10 +8,11 @@ so the process must be free to exit.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -83,3 +84,52 @@ class DaemonThreadPool(concurrent.futures.Executor):
                     future.set_result(result)
             with self._lock:
                 self._idle += 1
+
+
+class EventLoopThread:
+    """An asyncio loop on its own daemon thread, for ``async def`` components."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="worker_sdk-asyncio", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
+        """Runs `callback` on the loop (from any thread); False when the loop is already closed."""
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:
+            return False
+        return True
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this loop's thread."""
+        return threading.current_thread() is self._thread
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:
+            return  # closed meanwhile
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            # Components still running past the shutdown grace are cancelled, not left pending.
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()

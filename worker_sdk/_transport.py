@@ -7,10 +7,11 @@ are encoded compactly and without ASCII escaping, so non-ASCII text stays readab
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -108,18 +109,11 @@ def pipeline_state_value(name: str) -> types_pb2.PipelineState.ValueType:
 # --- channels --------------------------------------------------------------------------------------
 
 
-def open_channel(
-    target: str,
-    *,
-    credentials: grpc.ChannelCredentials | None = None,
-    options: ChannelOptions = (),
-    max_reconnect_backoff: float = 10.0,
-) -> grpc.Channel:
-    """A channel that notices a restarted server quickly.
+def _channel_options(options: ChannelOptions, max_reconnect_backoff: float) -> list[tuple[str, Any]]:
+    """The SDK's channel defaults, with the caller's options winning.
 
     gRPC's own reconnect backoff grows to two minutes; during that time every call fails at once
     with UNAVAILABLE even after the server is back, so it is capped to match the SDK's backoff.
-    Caller options win over these defaults.
     """
     defaults: dict[str, Any] = {
         # A poll or stream message may carry several tasks, each with inputs up to the server's payload limit.
@@ -132,11 +126,35 @@ def open_channel(
         "grpc.initial_reconnect_backoff_ms": 100,
         "grpc.max_reconnect_backoff_ms": max(100, int(max_reconnect_backoff * 1000)),
     }
-    merged = {**defaults, **dict(options)}
-    channel_options = list(merged.items())
+    return list({**defaults, **dict(options)}.items())
+
+
+def open_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: ChannelOptions = (),
+    max_reconnect_backoff: float = 10.0,
+) -> grpc.Channel:
+    """A channel that notices a restarted server quickly (see `_channel_options`)."""
+    channel_options = _channel_options(options, max_reconnect_backoff)
     if credentials is not None:
         return grpc.secure_channel(target, credentials, options=channel_options)
     return grpc.insecure_channel(target, options=channel_options)
+
+
+def open_aio_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: ChannelOptions = (),
+    max_reconnect_backoff: float = 10.0,
+) -> grpc.aio.Channel:
+    """`open_channel` for asyncio; call it on the event loop that will use the channel."""
+    channel_options = _channel_options(options, max_reconnect_backoff)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=channel_options)
+    return grpc.aio.insecure_channel(target, options=channel_options)
 
 
 class _Caller:
@@ -212,12 +230,6 @@ class PollCall:
         return [task_from_proto(task) for task in response.tasks]
 
 
-@dataclass(frozen=True)
-class FailReply:
-    duplicate: bool
-    will_retry: bool
-
-
 class WorkerTransport(_Caller):
     def __init__(self, channel: grpc.Channel, metadata: Metadata = ()) -> None:
         super().__init__(metadata)
@@ -241,69 +253,57 @@ class WorkerTransport(_Caller):
 
     def heartbeat(self, token: str, *, progress_json: str = "", timeout: float) -> HeartbeatReply:
         request = worker_pb2.HeartbeatRequest(token=token, progress_json=progress_json)
-        response = self._send_heartbeat(request, timeout)
+        response = self.send_report("heartbeat", request, timeout)
         return HeartbeatReply(
             lease_deadline=_seconds(response.lease_deadline_unix_ms),
             cancel_requested=response.cancel_requested,
             cancel_reason=response.cancel_reason,
         )
 
-    def complete_task(
-        self,
-        token: str,
-        *,
-        outputs: Mapping[str, Any],
-        poll_after_ms: int = 0,
-        await_callback: bool = False,
-        timeout: float,
-    ) -> bool:
-        """Returns whether the engine had already applied this completion.
+    # Reports ("complete", "fail" or "heartbeat" and its request) go out here; a streaming transport
+    # overrides both to use its stream while it has one.
 
-        Raises TypeError / ValueError before sending when the outputs are not JSON-serialisable.
-        """
-        request = worker_pb2.CompleteTaskRequest(
-            token=token,
-            outputs_json=encode_json(dict(outputs)),
-            poll_after_ms=poll_after_ms,
-            await_callback=await_callback,
-        )
-        return self._send_complete(request, timeout).duplicate
+    def send_report(self, kind: str, request: Any, timeout: float) -> Any:
+        """Sends a report as its unary call; returns the response."""
+        return self._unary(getattr(self._stub, _REPORT_METHODS[kind]), request, timeout)
 
-    def fail_task(
-        self,
-        token: str,
-        *,
-        error_message: str,
-        retryable: bool = False,
-        retry_after_ms: int = 0,
-        outputs: Mapping[str, Any] | None = None,
-        timeout: float,
-    ) -> FailReply:
-        request = worker_pb2.FailTaskRequest(
-            token=token,
-            error_message=error_message,
-            retryable=retryable,
-            retry_after_ms=retry_after_ms,
-            outputs_json=encode_json(dict(outputs)) if outputs else "",
-        )
-        response = self._send_fail(request, timeout)
-        return FailReply(duplicate=response.duplicate, will_retry=response.will_retry)
+    async def send_report_async(
+        self, kind: str, request: Any, timeout: float, pool: concurrent.futures.Executor
+    ) -> Any:
+        """`send_report` for the worker's event loop: the blocking unary call runs on `pool`."""
+        return await asyncio.get_running_loop().run_in_executor(pool, self.send_report, kind, request, timeout)
 
-    # The three reports go out here; a streaming transport overrides these to use its stream.
 
-    def _send_heartbeat(self, request: worker_pb2.HeartbeatRequest, timeout: float) -> worker_pb2.HeartbeatResponse:
-        response: worker_pb2.HeartbeatResponse = self._unary(self._stub.Heartbeat, request, timeout)
-        return response
+_REPORT_METHODS = {"complete": "CompleteTask", "fail": "FailTask", "heartbeat": "Heartbeat"}
 
-    def _send_complete(
-        self, request: worker_pb2.CompleteTaskRequest, timeout: float
-    ) -> worker_pb2.CompleteTaskResponse:
-        response: worker_pb2.CompleteTaskResponse = self._unary(self._stub.CompleteTask, request, timeout)
-        return response
 
-    def _send_fail(self, request: worker_pb2.FailTaskRequest, timeout: float) -> worker_pb2.FailTaskResponse:
-        response: worker_pb2.FailTaskResponse = self._unary(self._stub.FailTask, request, timeout)
-        return response
+def complete_request(
+    token: str, *, outputs: Mapping[str, Any], poll_after_ms: int = 0, await_callback: bool = False
+) -> worker_pb2.CompleteTaskRequest:
+    """Raises TypeError / ValueError when the outputs are not JSON-serialisable."""
+    return worker_pb2.CompleteTaskRequest(
+        token=token,
+        outputs_json=encode_json(dict(outputs)),
+        poll_after_ms=poll_after_ms,
+        await_callback=await_callback,
+    )
+
+
+def fail_request(
+    token: str,
+    *,
+    error_message: str,
+    retryable: bool = False,
+    retry_after_ms: int = 0,
+    outputs: Mapping[str, Any] | None = None,
+) -> worker_pb2.FailTaskRequest:
+    return worker_pb2.FailTaskRequest(
+        token=token,
+        error_message=error_message,
+        retryable=retryable,
+        retry_after_ms=retry_after_ms,
+        outputs_json=encode_json(dict(outputs)) if outputs else "",
+    )
 
 
 # --- client side -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ exponential backoff and jitter, logged once per outage and once on reconnection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,12 +25,19 @@ from typing import Literal
 import grpc
 
 from worker_sdk._backoff import Backoff
-from worker_sdk._executor import EventLoopThread, TaskExecutor
+from worker_sdk._executor import TaskExecutor
 from worker_sdk._heartbeat import HeartbeatManager
 from worker_sdk._models import Task
 from worker_sdk._stream import StreamingTransport, StreamSession
-from worker_sdk._threads import DaemonThreadPool
-from worker_sdk._transport import ChannelOptions, Metadata, PollCall, WorkerTransport, open_channel
+from worker_sdk._threads import DaemonThreadPool, EventLoopThread
+from worker_sdk._transport import (
+    ChannelOptions,
+    Metadata,
+    PollCall,
+    WorkerTransport,
+    open_aio_channel,
+    open_channel,
+)
 from worker_sdk.component import Component
 from worker_sdk.context import TaskKind
 from worker_sdk.errors import EngineError, Unimplemented, is_transient
@@ -175,11 +183,11 @@ class Worker:
             else WorkerTransport(channel, self._metadata)
         )
         heartbeats = HeartbeatManager(transport, fixed_interval=self._heartbeat_interval, rpc_timeout=self._rpc_timeout)
-        # On a stream a slot frees when the component returns, while its thread still waits for the report's
-        # reply: room for `concurrency` of each.
+        # On a stream a slot frees when the component returns, while its result may still be reporting:
+        # room for `concurrency` of each.
         threads = self._concurrency * 2 if self._use_stream else self._concurrency
         pool = DaemonThreadPool(threads, thread_name_prefix="worker_sdk-task")
-        needs_loop = any(c.is_async(kind) for c in self._components.values() for kind in TaskKind)
+        needs_loop = self._use_stream or any(c.is_async(kind) for c in self._components.values() for kind in TaskKind)
         event_loop = EventLoopThread() if needs_loop else None
         executor = TaskExecutor(
             components=self._components,
@@ -192,7 +200,9 @@ class Worker:
             report_timeout=self._report_timeout,
             on_finished=self._release_slot,
             on_ran=self._component_returned,
+            reports_on_loop=self._use_stream,
         )
+        stream_channel: grpc.aio.Channel | None = None
         try:
             heartbeats.start()
             if event_loop is not None:
@@ -204,7 +214,10 @@ class Worker:
                 self.target,
                 self._concurrency,
             )
-            streamed = isinstance(transport, StreamingTransport) and self._stream_until_stopped(transport, executor)
+            streamed = False
+            if isinstance(transport, StreamingTransport) and event_loop is not None:
+                stream_channel = event_loop.submit(self._open_stream_channel()).result()
+                streamed = self._stream_until_stopped(transport, executor, event_loop, stream_channel)
             if not streamed:
                 self._poll_until_stopped(transport, executor)
             self._drain(executor)
@@ -212,6 +225,9 @@ class Worker:
             heartbeats.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             if event_loop is not None:
+                if stream_channel is not None:
+                    with contextlib.suppress(Exception):
+                        event_loop.submit(stream_channel.close()).result(5.0)
                 event_loop.stop()
             channel.close()
             restore_signals()
@@ -296,17 +312,51 @@ class Worker:
 
     # --- the task stream ---------------------------------------------------------------------------
 
-    def _stream_until_stopped(self, transport: StreamingTransport, executor: TaskExecutor) -> bool:
-        """Receives tasks on a TaskStream, reopening it after errors; False if the server lacks it."""
+    async def _open_stream_channel(self) -> grpc.aio.Channel:
+        # An asyncio channel belongs to the loop it is created on.
+        return open_aio_channel(
+            self.target,
+            credentials=self._credentials,
+            options=self._channel_options,
+            max_reconnect_backoff=self._max_reconnect_backoff,
+        )
+
+    def _stream_until_stopped(
+        self,
+        transport: StreamingTransport,
+        executor: TaskExecutor,
+        event_loop: EventLoopThread,
+        channel: grpc.aio.Channel,
+    ) -> bool:
+        """Receives tasks on a TaskStream, reopening it after errors; False if the server lacks it.
+
+        The stream runs on the event loop; this thread waits for it to end and decides what next.
+        """
         backoff = Backoff(_RECONNECT_INITIAL_BACKOFF, self._max_reconnect_backoff)
         outage_since: float | None = None
+
+        def take(tasks: list[Task]) -> None:  # on the loop
+            nonlocal outage_since
+            if outage_since is not None:
+                self._log_reconnected(outage_since)
+                outage_since = None
+            backoff.reset()
+            # Claimed tasks run even when stopping began meanwhile: they are ours until reported.
+            with self._state:
+                self._in_flight += len(tasks)
+                self._running_components += len(tasks)
+            for task in tasks:
+                executor.submit(task)
+
         while True:
             with self._state:
                 if self._stopping:
                     break
-                # Slots freed from here on are granted on this session (see _release_slot).
+                # Slots freed from here on are granted on this session (see _component_returned).
                 session = StreamSession(
-                    transport,
+                    channel,
+                    event_loop,
+                    metadata=self._metadata,
                     worker_id=self.worker_id,
                     component_codes=self.component_codes,
                     credit=self._concurrency - self._running_components,
@@ -314,16 +364,7 @@ class Worker:
                 self._session = session
             transport.attach(session)
             try:
-                for task in session.tasks():
-                    if outage_since is not None:
-                        self._log_reconnected(outage_since)
-                        outage_since = None
-                    backoff.reset()
-                    # Claimed tasks run even when stopping began meanwhile: they are ours until reported.
-                    with self._state:
-                        self._in_flight += 1
-                        self._running_components += 1
-                    executor.submit(task)
+                event_loop.submit(session.run(take)).result()
             except Unimplemented:
                 logger.info("the engine at %s has no TaskStream; long-polling instead", self.target)
                 return False
@@ -340,7 +381,7 @@ class Worker:
                 transport.attach(None)
                 with self._state:
                     self._session = None
-                session.close()
+                session.interrupt()
         self._log_stopping()
         return True
 

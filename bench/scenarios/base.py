@@ -34,6 +34,8 @@ class ScenarioContext:
     timeout: float = 600.0
     server_pid: int | None = None
     """The engine server's process id, for scenarios that read its memory and CPU from /proc."""
+    worker_pids: tuple[int, ...] = ()
+    """The benchmark's worker processes: their CPU shares the machine's cores with the server."""
     sustained_seconds: float = 30.0
     """How long each phase of the `sustained` scenario lasts."""
     idle_seconds: float = 10.0

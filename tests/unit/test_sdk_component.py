@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -470,26 +471,18 @@ class FakeTransport:
             self.calls.append((name + "!", error.code))
             raise error
 
-    def complete_task(
-        self, token: str, *, outputs: Any, poll_after_ms: int = 0, await_callback: bool = False, timeout: float
-    ) -> bool:
-        encode_json(dict(outputs))
-        self._maybe_fail("complete")
-        self.calls.append(("complete", (token, dict(outputs), poll_after_ms, await_callback)))
-        return False
-
-    def fail_task(
-        self,
-        token: str,
-        *,
-        error_message: str,
-        retryable: bool = False,
-        retry_after_ms: int = 0,
-        outputs: Any = None,
-        timeout: float,
-    ) -> None:
-        self._maybe_fail("fail")
-        self.calls.append(("fail", (token, error_message, retryable)))
+    def send_report(self, kind: str, request: Any, timeout: float) -> Any:
+        self._maybe_fail(kind)
+        if kind == "complete":
+            self.calls.append(
+                (
+                    "complete",
+                    (request.token, json.loads(request.outputs_json), request.poll_after_ms, request.await_callback),
+                )
+            )
+            return worker_pb2.CompleteTaskResponse()
+        self.calls.append(("fail", (request.token, request.error_message, request.retryable)))
+        return worker_pb2.FailTaskResponse()
 
     def heartbeat(self, token: str, *, progress_json: str = "", timeout: float) -> HeartbeatReply:
         return HeartbeatReply(lease_deadline=None, cancel_requested=False, cancel_reason="")
@@ -601,3 +594,33 @@ def test_failure_report_carries_the_message() -> None:
 
     assert transport.calls == [("fail", ("tok1", "ValueError: bad input 3", False))]
     assert json.dumps(transport.calls)  # plain data only
+
+
+def test_a_task_due_sooner_than_the_sleeping_heartbeat_thread_is_heartbeated_in_time() -> None:
+    """The heartbeat thread is woken only for a heartbeat earlier than its own wake-up: one due later waits
+    for it, one due sooner must still go out on time."""
+    sent: list[tuple[str, float]] = []
+
+    class RecordingTransport(FakeTransport):
+        def heartbeat(self, token: str, *, progress_json: str = "", timeout: float) -> HeartbeatReply:
+            sent.append((token, time.monotonic()))
+            return HeartbeatReply(lease_deadline=None, cancel_requested=False, cancel_reason="")
+
+    heartbeats = HeartbeatManager(RecordingTransport(), fixed_interval=None, rpc_timeout=1.0)  # type: ignore[arg-type]
+    heartbeats.start()
+    try:
+        long_lease = replace(make_task("add", {}, token="long"), lease_deadline=time.time() + 60)  # due in 20 s
+        heartbeats.track(long_lease, TaskContext(task_id="t1"))
+        time.sleep(0.1)  # the thread now sleeps until the long lease's heartbeat
+        tracked_at = time.monotonic()
+        short_lease = replace(make_task("add", {}, token="short"), lease_deadline=time.time() + 0.9)  # due in 0.3 s
+        heartbeats.track(short_lease, TaskContext(task_id="t2"))
+        deadline = time.monotonic() + 3
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        heartbeats.stop()
+    assert sent, "the short lease was never heartbeated"
+    token, at = sent[0]
+    assert token == "short"
+    assert at - tracked_at < 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -473,6 +474,10 @@ class Store:
                 given[key] if kind == "parameter" else given[key][index] if kind == "item" else key
                 for kind, key, index in sources
             )
+
+        if len(sources) > 1 and all(kind == "parameter" for kind, _, _ in sources):
+            # The common case of a batch write's rows, done in C: an executemany calls this once per row.
+            values = operator.itemgetter(*(key for _, key, _ in sources))  # type: ignore[assignment]
 
         plan: _DriverPlan | None = _DriverPlan(expanded.statement, values)
         # The plan must give exactly what SQLAlchemy would bind; anything unusual goes through SQLAlchemy.

@@ -1,10 +1,11 @@
 """Runs claimed tasks and reports their results.
 
 A plain component runs on a thread of the worker's pool; an ``async def`` one runs on the worker's
-event loop thread. On a task stream (which lives on that loop) every report is sent from the loop:
-a pool thread hands its component's outcome over and is free at once, instead of waiting for the
-engine's reply. Either way a task holds one slot from claim to report, so the worker never has more
-than `concurrency` tasks in flight.
+component event loop. On a task stream, every report is sent from the stream's own loop (`report_loop`):
+the component's thread or loop hands its outcome over and is free at once, instead of waiting for the
+engine's reply. No user code runs on the stream's loop, so a component that blocks by mistake cannot
+hold up heartbeats, other tasks' reports or shutdown. Either way a task holds one slot from claim to
+report, so the worker never has more than `concurrency` tasks in flight.
 
 Reports survive short outages: transient errors are retried with backoff for a bounded time. A
 refused token (FAILED_PRECONDITION) means another attempt owns the node now, so the result is
@@ -88,16 +89,14 @@ class TaskExecutor:
         report_timeout: float,
         on_finished: Callable[[], None],
         on_ran: Callable[[], None] | None = None,
-        reports_on_loop: bool = False,
+        report_loop: EventLoopThread | None = None,
     ) -> None:
-        if reports_on_loop and event_loop is None:
-            raise ValueError("reports_on_loop needs an event loop")
         self._components = components
         self._transport = transport
         self._heartbeats = heartbeats
         self._pool = pool
         self._event_loop = event_loop
-        self._reports_on_loop = reports_on_loop
+        self._report_loop = report_loop
         self._worker_id = worker_id
         self._rpc_timeout = rpc_timeout
         self._report_timeout = report_timeout
@@ -122,10 +121,7 @@ class TaskExecutor:
             if component is not None and task.payload_error is None and component.is_async(task.kind):
                 if self._event_loop is None:
                     raise RuntimeError("no event loop for an async component")  # guarded by Worker
-                if self._event_loop.is_current():
-                    self._event_loop.loop.create_task(self._run_async(running, component))
-                else:
-                    self._event_loop.submit(self._run_async(running, component))
+                self._event_loop.submit(self._run_async(running, component))
             else:
                 self._pool.submit(self._run_sync, running)
         except RuntimeError:
@@ -196,7 +192,7 @@ class TaskExecutor:
                     outcome = invoke(running.component, running.ctx)
                 finally:
                     self._heartbeats.untrack(running.task.token)
-            handed_over = self._reports_on_loop and self._hand_to_loop(running, outcome)
+            handed_over = self._hand_to_loop(running, outcome)
             if not handed_over:
                 self._ran(running)
                 if outcome is not None:
@@ -208,12 +204,15 @@ class TaskExecutor:
                 self._finish(running)
 
     def _hand_to_loop(self, running: _Running, outcome: Outcome | None) -> bool:
-        assert self._event_loop is not None
+        """Has the report loop report `outcome` and finish the task; False without one (or once it stopped)."""
+        report_loop = self._report_loop
+        if report_loop is None:
+            return False
 
         def report_on_loop() -> None:
-            self._event_loop.loop.create_task(self._report_then_finish(running, outcome))  # type: ignore[union-attr]
+            report_loop.loop.create_task(self._report_then_finish(running, outcome))
 
-        return self._event_loop.call_soon(report_on_loop)
+        return report_loop.call_soon(report_on_loop)
 
     async def _report_then_finish(self, running: _Running, outcome: Outcome | None) -> None:
         try:
@@ -237,14 +236,17 @@ class TaskExecutor:
                 loop.call_soon_threadsafe(coroutine_task.cancel)
 
             running.cancel_coroutine = cancel_coroutine
+        handed_over = False
         try:
             self._heartbeats.track(running.task, running.ctx, on_cancel=running.cancel_coroutine)
             try:
                 outcome = await invoke_async(component, running.ctx)
             finally:
                 self._heartbeats.untrack(running.task.token)
-            self._ran(running)
-            await self._report_async(running, outcome)
+            handed_over = self._hand_to_loop(running, outcome)
+            if not handed_over:
+                self._ran(running)
+                await self._report_async(running, outcome)
         except asyncio.CancelledError:
             if not running.ctx.cancelled.is_set():
                 raise  # the loop itself is closing
@@ -252,7 +254,8 @@ class TaskExecutor:
         except Exception:
             logger.exception("internal error while handling %s", running.task.describe())
         finally:
-            self._finish(running)
+            if not handed_over:  # otherwise the report loop finishes it once reported
+                self._finish(running)
 
     def _ran(self, running: _Running) -> None:
         with self._lock:
@@ -401,10 +404,19 @@ class TaskExecutor:
                 delay = self._retry_delay(task, what, error, backoff, deadline)
                 if delay is None:
                     return None
-                await asyncio.sleep(delay)
-                if self._abandoned.is_set():
+                if await self._abandoned_within(delay):
                     logger.warning("%s: shutting down, %s not sent", task.describe(), what)
                     return None
+
+    async def _abandoned_within(self, seconds: float) -> bool:
+        """`self._abandoned.wait(seconds)` without blocking the loop: looks again every 0.1 s."""
+        deadline = time.monotonic() + seconds
+        while not self._abandoned.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(remaining, 0.1))
+        return True
 
     def _attempt_timeout(self, deadline: float) -> float:
         return max(0.1, min(self._rpc_timeout, deadline - time.monotonic()))

@@ -4,10 +4,11 @@ A long poll costs a unary call per batch of tasks, and every report another. On 
 work is a few messages, which is what lets a Python worker keep up with thousands of tasks a second.
 The worker grants the server one credit per free slot; the server never sends more tasks than that.
 
-The stream lives on the worker's event loop (grpc.aio): tasks are read, replies routed and reports
-written there without a thread per step, and an ``async def`` component runs and reports without
-leaving the loop. Thread hand-offs, not the network, were what a task cost a threaded worker: the
-stream's own threads, a pool thread blocked on each reply, and waking each of them.
+The stream lives on an event loop of its own (grpc.aio) that runs no component code: tasks are read,
+replies routed and reports written there without a thread per step, and a component's thread hands
+its outcome over instead of blocking on the engine's reply. Thread hand-offs, not the network, were
+what a task cost a threaded worker: the stream's own threads, a pool thread blocked on each reply,
+and waking each of them.
 
 Reports (complete, fail, heartbeat) are matched to their replies by a request id. When no stream is
 open, or it broke, the same reports go out as unary calls: task tokens are valid for both, so a

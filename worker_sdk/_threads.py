@@ -87,11 +87,12 @@ class DaemonThreadPool(concurrent.futures.Executor):
 
 
 class EventLoopThread:
-    """An asyncio loop on its own daemon thread, for ``async def`` components."""
+    """An asyncio loop on its own daemon thread: one runs the task stream, another ``async def`` components."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="worker_sdk-asyncio", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._stopping = False
 
     def start(self) -> None:
         self._thread.start()
@@ -100,7 +101,9 @@ class EventLoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def call_soon(self, callback: Callable[..., None], *args: Any) -> bool:
-        """Runs `callback` on the loop (from any thread); False when the loop is already closed."""
+        """Runs `callback` on the loop (from any thread); False once the loop is stopping or closed."""
+        if self._stopping:
+            return False
         try:
             self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:
@@ -112,6 +115,7 @@ class EventLoopThread:
         return threading.current_thread() is self._thread
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         if self.loop.is_closed():
             return
         try:
@@ -125,7 +129,7 @@ class EventLoopThread:
         try:
             self.loop.run_forever()
         finally:
-            # Components still running past the shutdown grace are cancelled, not left pending.
+            # Coroutines still running past the shutdown grace are cancelled, not left pending.
             pending = asyncio.all_tasks(self.loop)
             for task in pending:
                 task.cancel()

@@ -187,8 +187,10 @@ class Worker:
         # room for `concurrency` of each.
         threads = self._concurrency * 2 if self._use_stream else self._concurrency
         pool = DaemonThreadPool(threads, thread_name_prefix="worker_sdk-task")
-        needs_loop = self._use_stream or any(c.is_async(kind) for c in self._components.values() for kind in TaskKind)
-        event_loop = EventLoopThread() if needs_loop else None
+        needs_loop = any(c.is_async(kind) for c in self._components.values() for kind in TaskKind)
+        event_loop = EventLoopThread("worker_sdk-asyncio") if needs_loop else None
+        # The task stream's own loop: it runs no component, so one that blocks cannot stall the stream.
+        stream_loop = EventLoopThread("worker_sdk-stream") if self._use_stream else None
         executor = TaskExecutor(
             components=self._components,
             transport=transport,
@@ -200,13 +202,14 @@ class Worker:
             report_timeout=self._report_timeout,
             on_finished=self._release_slot,
             on_ran=self._component_returned,
-            reports_on_loop=self._use_stream,
+            report_loop=stream_loop,
         )
         stream_channel: grpc.aio.Channel | None = None
         try:
             heartbeats.start()
-            if event_loop is not None:
-                event_loop.start()
+            for loop_thread in (event_loop, stream_loop):
+                if loop_thread is not None:
+                    loop_thread.start()
             logger.info(
                 "worker %s serving %s from %s (concurrency %d)",
                 self.worker_id,
@@ -215,9 +218,9 @@ class Worker:
                 self._concurrency,
             )
             streamed = False
-            if isinstance(transport, StreamingTransport) and event_loop is not None:
-                stream_channel = event_loop.submit(self._open_stream_channel()).result()
-                streamed = self._stream_until_stopped(transport, executor, event_loop, stream_channel)
+            if isinstance(transport, StreamingTransport) and stream_loop is not None:
+                stream_channel = stream_loop.submit(self._open_stream_channel()).result()
+                streamed = self._stream_until_stopped(transport, executor, stream_loop, stream_channel)
             if not streamed:
                 self._poll_until_stopped(transport, executor)
             self._drain(executor)
@@ -225,10 +228,12 @@ class Worker:
             heartbeats.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             if event_loop is not None:
+                event_loop.stop()
+            if stream_loop is not None:
                 if stream_channel is not None:
                     with contextlib.suppress(Exception):
-                        event_loop.submit(stream_channel.close()).result(5.0)
-                event_loop.stop()
+                        stream_loop.submit(stream_channel.close()).result(5.0)
+                stream_loop.stop()
             channel.close()
             restore_signals()
             self._finished.set()
@@ -325,7 +330,7 @@ class Worker:
         self,
         transport: StreamingTransport,
         executor: TaskExecutor,
-        event_loop: EventLoopThread,
+        stream_loop: EventLoopThread,
         channel: grpc.aio.Channel,
     ) -> bool:
         """Receives tasks on a TaskStream, reopening it after errors; False if the server lacks it.
@@ -355,7 +360,7 @@ class Worker:
                 # Slots freed from here on are granted on this session (see _component_returned).
                 session = StreamSession(
                     channel,
-                    event_loop,
+                    stream_loop,
                     metadata=self._metadata,
                     worker_id=self.worker_id,
                     component_codes=self.component_codes,
@@ -364,7 +369,7 @@ class Worker:
                 self._session = session
             transport.attach(session)
             try:
-                event_loop.submit(session.run(take)).result()
+                stream_loop.submit(session.run(take)).result()
             except Unimplemented:
                 logger.info("the engine at %s has no TaskStream; long-polling instead", self.target)
                 return False

@@ -8,6 +8,7 @@ two batches and the chain a second round trip.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -107,3 +108,78 @@ def test_each_report_carries_the_credit_of_the_slot_it_freed(recording_server: t
     ]
     # Credit never travels alone while tasks are reported.
     assert not [message for message in after[: len(reports)] if not message.reports]
+
+
+class RepliesToEverything(worker_pb2_grpc.WorkerServiceServicer):
+    """Sends `tasks` at once, then answers every report with success; records each report's kind and token."""
+
+    def __init__(self, tasks: list[worker_pb2.Task]) -> None:
+        self.tasks = tasks
+        self.reports: list[tuple[float, str, str]] = []
+
+    def TaskStream(
+        self, request_iterator: Iterator[worker_pb2.TaskStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[worker_pb2.TaskStreamResponse]:
+        next(request_iterator)
+        yield worker_pb2.TaskStreamResponse(tasks=self.tasks)
+        for request in request_iterator:
+            replies = []
+            for report in request.reports:
+                kind = report.WhichOneof("report")
+                self.reports.append((time.monotonic(), kind, getattr(report, kind).token))
+                reply = worker_pb2.StreamReply(request_id=report.request_id)
+                if kind == "heartbeat":
+                    reply.heartbeat.lease_deadline_unix_ms = int((time.time() + 30) * 1000)
+                elif kind == "complete":
+                    reply.complete.SetInParent()
+                else:
+                    reply.fail.SetInParent()
+                replies.append(reply)
+            if replies:
+                yield worker_pb2.TaskStreamResponse(replies=replies)
+
+
+BLOCKS_FOR_S = 10.0
+
+
+@component("blocks_its_loop")
+async def blocks_its_loop() -> dict[str, bool]:
+    time.sleep(BLOCKS_FOR_S)  # the mistake: a blocking call inside `async def`
+    return {"done": True}
+
+
+@component("slow_sync")
+def slow_sync() -> dict[str, bool]:
+    time.sleep(2.5)
+    return {"done": True}
+
+
+def test_an_async_component_that_blocks_holds_up_neither_heartbeats_nor_other_results_nor_stop() -> None:
+    def task(code: str) -> worker_pb2.Task:
+        return worker_pb2.Task(task_id=code, token=f"token-{code}", pipeline_id="p", node_id=code, component_code=code)
+
+    servicer = RepliesToEverything([task("blocks_its_loop"), task("slow_sync")])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    worker = Worker(
+        f"127.0.0.1:{port}", [blocks_its_loop, slow_sync], concurrency=2, heartbeat_interval=0.5, shutdown_grace=0.5
+    )
+    try:
+        began = time.monotonic()
+        worker.start()
+        time.sleep(2.8)
+        worker.stop()
+        # The grace (0.5 s), then at most 5 s for the blocked components' loop to end: the stream does not wait.
+        assert worker.join(timeout=7.0), "the worker did not stop while an async component blocked its loop"
+        stopped_after = time.monotonic() - began
+    finally:
+        server.stop(grace=None)
+
+    sync_heartbeats = [
+        at - began for at, kind, token in servicer.reports if (kind, token) == ("heartbeat", "token-slow_sync")
+    ]
+    assert len(sync_heartbeats) >= 3, servicer.reports
+    assert ("complete", "token-slow_sync") in [(kind, token) for _, kind, token in servicer.reports]
+    assert stopped_after < BLOCKS_FOR_S - 0.5  # before the blocking call ends

@@ -97,6 +97,9 @@ class TaskExecutor:
         self._pool = pool
         self._event_loop = event_loop
         self._report_loop = report_loop
+        # Outcomes handed to the report loop that it has not taken yet (see _hand_to_loop).
+        self._handed: list[tuple[_Running, Outcome | None]] = []
+        self._handed_lock = threading.Lock()
         self._worker_id = worker_id
         self._rpc_timeout = rpc_timeout
         self._report_timeout = report_timeout
@@ -204,15 +207,38 @@ class TaskExecutor:
                 self._finish(running)
 
     def _hand_to_loop(self, running: _Running, outcome: Outcome | None) -> bool:
-        """Has the report loop report `outcome` and finish the task; False without one (or once it stopped)."""
+        """Has the report loop report `outcome` and finish the task; False without a report loop.
+
+        Outcomes handed over while the loop has not yet taken the earlier ones ride along with them: one
+        wake-up of the loop for a burst of finished tasks, not one each.
+        """
         report_loop = self._report_loop
         if report_loop is None:
             return False
+        with self._handed_lock:
+            self._handed.append((running, outcome))
+            if len(self._handed) > 1:
+                return True  # the loop is already asked to take them
+        if not report_loop.call_soon(self._report_handed):
+            # The worker is past its shutdown: nothing reports these any more; their leases expire.
+            with self._handed_lock:
+                stranded, self._handed = self._handed, []
+            for item, _ in stranded:
+                logger.warning(
+                    "%s finished after the worker shut down; result dropped (the engine offers the task again "
+                    "when its lease expires)",
+                    item.task.describe(),
+                )
+                self._finish(item)
+        return True
 
-        def report_on_loop() -> None:
-            report_loop.loop.create_task(self._report_then_finish(running, outcome))
-
-        return report_loop.call_soon(report_on_loop)
+    def _report_handed(self) -> None:
+        """On the report loop: starts reporting every outcome handed over so far."""
+        assert self._report_loop is not None
+        with self._handed_lock:
+            handed, self._handed = self._handed, []
+        for running, outcome in handed:
+            self._report_loop.loop.create_task(self._report_then_finish(running, outcome))
 
     async def _report_then_finish(self, running: _Running, outcome: Outcome | None) -> None:
         try:

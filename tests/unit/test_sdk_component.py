@@ -31,7 +31,7 @@ from worker_sdk import (
 from worker_sdk._executor import TaskExecutor
 from worker_sdk._heartbeat import HeartbeatManager
 from worker_sdk._models import HeartbeatReply, Task
-from worker_sdk._threads import DaemonThreadPool
+from worker_sdk._threads import DaemonThreadPool, EventLoopThread
 from worker_sdk._transport import decode_json_object, encode_json, task_from_proto
 from worker_sdk.component import Failure, format_exception, invoke, invoke_async
 
@@ -624,3 +624,31 @@ def test_a_task_due_sooner_than_the_sleeping_heartbeat_thread_is_heartbeated_in_
     token, at = sent[0]
     assert token == "short"
     assert at - tracked_at < 1.0
+
+
+def test_a_result_that_arrives_after_the_report_loop_stopped_is_dropped_and_its_slot_freed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = FakeTransport()
+    finished = threading.Event()
+    report_loop = EventLoopThread("test-stream")
+    report_loop.start()
+    report_loop.stop()  # the worker is past its shutdown
+    pool = DaemonThreadPool(2, thread_name_prefix="test")
+    executor = TaskExecutor(
+        components={(add.code, add.version): add},
+        transport=transport,  # type: ignore[arg-type]
+        heartbeats=HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0),  # type: ignore[arg-type]
+        pool=pool,
+        event_loop=None,
+        worker_id="w1",
+        rpc_timeout=1.0,
+        report_timeout=5.0,
+        on_finished=finished.set,
+        report_loop=report_loop,
+    )
+    executor.submit(make_task("add", {"a": 1}))
+    assert finished.wait(5.0)
+    pool.shutdown()
+    assert transport.calls == []
+    assert "finished after the worker shut down; result dropped" in caplog.text

@@ -220,17 +220,21 @@ class TaskExecutor:
             if len(self._handed) > 1:
                 return True  # the loop is already asked to take them
         if not report_loop.call_soon(self._report_handed):
-            # The worker is past its shutdown: nothing reports these any more; their leases expire.
-            with self._handed_lock:
-                stranded, self._handed = self._handed, []
-            for item, _ in stranded:
-                logger.warning(
-                    "%s finished after the worker shut down; result dropped (the engine offers the task again "
-                    "when its lease expires)",
-                    item.task.describe(),
-                )
-                self._finish(item)
+            self.drop_handed()
         return True
+
+    def drop_handed(self) -> None:
+        """Outcomes handed over that the report loop never took (it stopped first) are dropped and their tasks
+        finished: the worker is past its shutdown, and the engine offers them again when their leases expire."""
+        with self._handed_lock:
+            stranded, self._handed = self._handed, []
+        for running, _ in stranded:
+            logger.warning(
+                "%s finished after the worker shut down; result dropped (the engine offers the task again "
+                "when its lease expires)",
+                running.task.describe(),
+            )
+            self._finish(running)
 
     def _report_handed(self) -> None:
         """On the report loop: starts reporting every outcome handed over so far."""
@@ -238,7 +242,12 @@ class TaskExecutor:
         with self._handed_lock:
             handed, self._handed = self._handed, []
         for running, outcome in handed:
-            self._report_loop.loop.create_task(self._report_then_finish(running, outcome))
+            task = self._report_loop.loop.create_task(self._report_then_finish(running, outcome))
+            # A task cancelled before its first step (the loop stopping) never runs its `finally`.
+            task.add_done_callback(functools.partial(self._finish_after_report, running))
+
+    def _finish_after_report(self, running: _Running, _task: asyncio.Task[None]) -> None:
+        self._finish(running)
 
     async def _report_then_finish(self, running: _Running, outcome: Outcome | None) -> None:
         try:

@@ -234,6 +234,7 @@ class Worker:
                     with contextlib.suppress(Exception):
                         stream_loop.submit(stream_channel.close()).result(5.0)
                 stream_loop.stop()
+                executor.drop_handed()  # handed over as the loop stopped: nothing will report them now
             channel.close()
             restore_signals()
             self._finished.set()

@@ -652,3 +652,36 @@ def test_a_result_that_arrives_after_the_report_loop_stopped_is_dropped_and_its_
     pool.shutdown()
     assert transport.calls == []
     assert "finished after the worker shut down; result dropped" in caplog.text
+
+
+def test_a_result_handed_over_as_the_report_loop_stops_still_frees_its_slot() -> None:
+    """The loop takes the hand-over and stops in the same turn: the report task it created is cancelled before
+    its first step, and must still finish the task (a cold review found it did not)."""
+    transport = FakeTransport()
+    finished = threading.Event()
+    report_loop = EventLoopThread("test-stream")
+    report_loop.start()
+    release_loop = threading.Event()
+    report_loop.call_soon(release_loop.wait)  # holds the loop while the hand-over and the stop queue up
+    pool = DaemonThreadPool(2, thread_name_prefix="test")
+    executor = TaskExecutor(
+        components={(add.code, add.version): add},
+        transport=transport,  # type: ignore[arg-type]
+        heartbeats=HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0),  # type: ignore[arg-type]
+        pool=pool,
+        event_loop=None,
+        worker_id="w1",
+        rpc_timeout=1.0,
+        report_timeout=5.0,
+        on_finished=finished.set,
+        report_loop=report_loop,
+    )
+    executor.submit(make_task("add", {"a": 1}))
+    time.sleep(0.3)  # the component ran and handed its outcome over
+    stopper = threading.Thread(target=report_loop.stop)
+    stopper.start()
+    time.sleep(0.1)
+    release_loop.set()
+    stopper.join(5.0)
+    pool.shutdown()
+    assert finished.wait(5.0)

@@ -75,6 +75,14 @@ class _Send:
 _ReportFlow = Generator[_Send, Any, None]
 
 
+def _next_send(flow: _ReportFlow, reply: Any, refused: InvalidArgument | None) -> _Send | None:
+    """Gives the flow the last send's reply (or the engine's refusal); returns what to send next, None when done."""
+    try:
+        return flow.throw(refused) if refused is not None else flow.send(reply)
+    except StopIteration:
+        return None
+
+
 class TaskExecutor:
     def __init__(
         self,
@@ -311,34 +319,26 @@ class TaskExecutor:
     def _report(self, running: _Running, outcome: Outcome) -> None:
         """Runs the report flow on this thread, each send a blocking call."""
         flow = self._report_flow(running, outcome)
-        reply: Any = None
-        refused: InvalidArgument | None = None
-        while True:
-            try:
-                send = flow.throw(refused) if refused is not None else flow.send(reply)
-            except StopIteration:
-                return
-            refused = None
+        send = _next_send(flow, None, None)
+        while send is not None:
             try:
                 reply = self._deliver(running.task, send.what, self._send_blocking(send))
-            except InvalidArgument as error:
-                refused = error
+            except InvalidArgument as refused:
+                send = _next_send(flow, None, refused)
+            else:
+                send = _next_send(flow, reply, None)
 
     async def _report_async(self, running: _Running, outcome: Outcome) -> None:
         """Runs the report flow on the event loop."""
         flow = self._report_flow(running, outcome)
-        reply: Any = None
-        refused: InvalidArgument | None = None
-        while True:
-            try:
-                send = flow.throw(refused) if refused is not None else flow.send(reply)
-            except StopIteration:
-                return
-            refused = None
+        send = _next_send(flow, None, None)
+        while send is not None:
             try:
                 reply = await self._deliver_async(running.task, send.what, self._send_on_loop(send))
-            except InvalidArgument as error:
-                refused = error
+            except InvalidArgument as refused:
+                send = _next_send(flow, None, refused)
+            else:
+                send = _next_send(flow, reply, None)
 
     def _send_blocking(self, send: _Send) -> Callable[[float], Any]:
         return lambda timeout: self._transport.send_report(send.kind, send.request, timeout)

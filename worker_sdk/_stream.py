@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +63,6 @@ class StreamSession:
     ) -> None:
         self._channel = channel
         self._event_loop = event_loop
-        self._loop = event_loop.loop
         self._metadata = tuple(metadata)
         self._hello = worker_pb2.StreamHello(worker_id=worker_id, component_codes=component_codes)
         self._credit = max(credit, 0)
@@ -117,7 +115,7 @@ class StreamSession:
         if self._closed:
             raise _StreamClosed("the task stream is closed")
         request_id = next(self._request_ids)
-        reply: asyncio.Future[worker_pb2.StreamReply] = self._loop.create_future()
+        reply: asyncio.Future[worker_pb2.StreamReply] = self._event_loop.loop.create_future()
         self._replies[request_id] = reply
         self._reports.append(worker_pb2.StreamReport(request_id=request_id, **report))
         self._queued.set()
@@ -200,7 +198,7 @@ class StreamSession:
 
     def send_blocking(self, timeout: float, **report: Any) -> worker_pb2.StreamReply:
         """`send` for a thread other than the loop's (heartbeats)."""
-        future = asyncio.run_coroutine_threadsafe(self.send(timeout, **report), self._loop)
+        future = self._event_loop.submit(self.send(timeout, **report))
         try:
             return future.result(timeout + 1.0)
         except concurrent.futures.TimeoutError:
@@ -218,11 +216,9 @@ class StreamingTransport(WorkerTransport):
     def __init__(self, channel: grpc.Channel, metadata: Metadata = ()) -> None:
         super().__init__(channel, metadata)
         self._session: StreamSession | None = None
-        self._lock = threading.Lock()
 
     def attach(self, session: StreamSession | None) -> None:
-        with self._lock:
-            self._session = session
+        self._session = session
 
     async def send_report_async(
         self, kind: str, request: Any, timeout: float, pool: concurrent.futures.Executor

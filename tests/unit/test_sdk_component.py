@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -510,21 +511,31 @@ def make_task(code: str, inputs: dict[str, Any], token: str = "tok1") -> Task:
     )
 
 
-def execute_one(transport: FakeTransport, task: Task, *components: Component) -> None:
-    finished = threading.Event()
-    heartbeats = HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0)  # type: ignore[arg-type]
-    pool = DaemonThreadPool(2, thread_name_prefix="test")
-    executor = TaskExecutor(
+def make_executor(
+    transport: FakeTransport,
+    pool: DaemonThreadPool,
+    on_finished: Callable[[], None],
+    *components: Component,
+    report_loop: EventLoopThread | None = None,
+) -> TaskExecutor:
+    return TaskExecutor(
         components={(c.code, c.version): c for c in components},
         transport=transport,  # type: ignore[arg-type]
-        heartbeats=heartbeats,
+        heartbeats=HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0),  # type: ignore[arg-type]
         pool=pool,
         event_loop=None,
         worker_id="w1",
         rpc_timeout=1.0,
         report_timeout=5.0,
-        on_finished=finished.set,
+        on_finished=on_finished,
+        report_loop=report_loop,
     )
+
+
+def execute_one(transport: FakeTransport, task: Task, *components: Component) -> None:
+    finished = threading.Event()
+    pool = DaemonThreadPool(2, thread_name_prefix="test")
+    executor = make_executor(transport, pool, finished.set, *components)
     executor.submit(task)
     assert finished.wait(5.0)
     pool.shutdown()
@@ -635,18 +646,7 @@ def test_a_result_that_arrives_after_the_report_loop_stopped_is_dropped_and_its_
     report_loop.start()
     report_loop.stop()  # the worker is past its shutdown
     pool = DaemonThreadPool(2, thread_name_prefix="test")
-    executor = TaskExecutor(
-        components={(add.code, add.version): add},
-        transport=transport,  # type: ignore[arg-type]
-        heartbeats=HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0),  # type: ignore[arg-type]
-        pool=pool,
-        event_loop=None,
-        worker_id="w1",
-        rpc_timeout=1.0,
-        report_timeout=5.0,
-        on_finished=finished.set,
-        report_loop=report_loop,
-    )
+    executor = make_executor(transport, pool, finished.set, add, report_loop=report_loop)
     executor.submit(make_task("add", {"a": 1}))
     assert finished.wait(5.0)
     pool.shutdown()
@@ -664,18 +664,7 @@ def test_a_result_handed_over_as_the_report_loop_stops_still_frees_its_slot() ->
     release_loop = threading.Event()
     report_loop.call_soon(release_loop.wait)  # holds the loop while the hand-over and the stop queue up
     pool = DaemonThreadPool(2, thread_name_prefix="test")
-    executor = TaskExecutor(
-        components={(add.code, add.version): add},
-        transport=transport,  # type: ignore[arg-type]
-        heartbeats=HeartbeatManager(transport, fixed_interval=10.0, rpc_timeout=1.0),  # type: ignore[arg-type]
-        pool=pool,
-        event_loop=None,
-        worker_id="w1",
-        rpc_timeout=1.0,
-        report_timeout=5.0,
-        on_finished=finished.set,
-        report_loop=report_loop,
-    )
+    executor = make_executor(transport, pool, finished.set, add, report_loop=report_loop)
     executor.submit(make_task("add", {"a": 1}))
     time.sleep(0.3)  # the component ran and handed its outcome over
     stopper = threading.Thread(target=report_loop.stop)

@@ -44,6 +44,7 @@ from engine_server.core.decide import (
     TimerFired,
     decide,
 )
+from engine_server.core.frozen import fast_init
 from engine_server.core.model import FINAL_PIPELINE_STATES, NodeRun, PipelineSpec, PipelineState, Snapshot
 from engine_server.errors import (
     REJECTION_ERRORS,
@@ -91,6 +92,7 @@ def ordered_id() -> str:
 # ---------------------------------------------------------------- values handed to the RPC layer
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ClaimedTask:
     task_id: str
@@ -112,6 +114,7 @@ class ClaimedTask:
     lease_deadline: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class HeartbeatResult:
     lease_deadline: int
@@ -119,12 +122,14 @@ class HeartbeatResult:
     cancel_reason: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ReportResult:
     duplicate: bool
     will_retry: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PipelineView:
     """A consistent read of one pipeline for queries."""
@@ -141,6 +146,7 @@ class PipelineView:
     failure_handler: Mapping[str, Any] | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TaskToken:
     task_id: str
@@ -269,6 +275,7 @@ class _Poll:
     drained: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _ClaimRequest:
     codes: tuple[str, ...]
@@ -276,6 +283,7 @@ class _ClaimRequest:
     worker_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Cycle:
     """What one batch does besides the queued operations."""

@@ -12,11 +12,14 @@ from typing import Any
 from engine_server.core.model import FailureHandler, Join, NodeRun, NodeState, PipelineSpec, PipelineState, Snapshot
 from engine_server.core.tree import parse_tree
 
+# One encoder for every write: json.dumps with options builds a new JSONEncoder per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 
 def dumps(value: Any) -> str:
     if type(value) is dict and not value:
         return "{}"  # most outputs and many inputs: not worth the encoder
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _encode(value)
 
 
 class SpecCache:

@@ -23,6 +23,7 @@ from engine_server.core.expressions import (
     cached_condition,
     cached_splice,
 )
+from engine_server.core.frozen import evolve, fast_init
 from engine_server.core.lazy import LazyError, resolve_lazy
 from engine_server.core.model import (
     END_EVENTS,
@@ -38,13 +39,13 @@ from engine_server.core.model import (
     PipelineState,
     Snapshot,
     VarSpec,
-    evolve,
 )
 from engine_server.core.states import ACTIVE_NODE_STATES, can_transition, can_transition_pipeline
 
 # ---------------------------------------------------------------- events
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StartPipeline:
     start_node_id: str = ""
@@ -54,6 +55,7 @@ class StartPipeline:
     failure_handler: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TaskCompleted:
     node_id: str
@@ -63,6 +65,7 @@ class TaskCompleted:
     await_callback: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TaskFailed:
     node_id: str
@@ -75,6 +78,7 @@ class TaskFailed:
     transient_retry_budget: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PausePipeline:
     """Pause the pipeline, or with `scope` one subprocess node (the root keeps RUNNING)."""
@@ -82,27 +86,32 @@ class PausePipeline:
     scope: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ResumePipeline:
     scope: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RevokePipeline:
     scope: str = ""
     reason: str = "revoked by an operator"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PauseNode:
     node_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ResumeNode:
     node_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RetryNode:
     node_id: str
@@ -110,34 +119,40 @@ class RetryNode:
     inputs: Mapping[str, Any] | None = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class RetrySubprocess:
     node_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SkipNode:
     node_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SkipExclusiveGateway:
     node_id: str
     flow_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class SkipConditionalParallelGateway:
     node_id: str
     flow_ids: tuple[str, ...]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ForceFail:
     node_id: str
     message: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Callback:
     node_id: str
@@ -150,6 +165,7 @@ class TimerKind:
     PIPELINE_TIMEOUT = "pipeline_timeout"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TimerFired:
     kind: str
@@ -184,6 +200,7 @@ class TaskKind:
     SCHEDULE = "schedule"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class OfferTask:
     """Make a task of this node attempt available to workers at `available_at`."""
@@ -203,6 +220,7 @@ class OfferTask:
     callback_data: Any = None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class CancelTasks:
     """Withdraw the open tasks of a node attempt; a worker holding one learns it through its heartbeat."""
@@ -212,6 +230,7 @@ class CancelTasks:
     reason: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StartTimer:
     """Deliver `TimerFired(kind, node_id, version)` at `fire_at` (it does nothing if the attempt moved on)."""
@@ -225,6 +244,7 @@ class StartTimer:
 Command = OfferTask | CancelTasks | StartTimer
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class StateChange:
     node_id: str  # "" for the pipeline itself
@@ -234,12 +254,14 @@ class StateChange:
     at: int
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Rejection:
     kind: str  # "failed_precondition" | "not_found" | "invalid_argument"
     message: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Decision:
     snapshot: Snapshot
@@ -306,6 +328,7 @@ class VariableError(Exception):
     """A variable could not be rendered; the message names it."""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class _Arrival:
     """A path reaching a node, with its open forks."""

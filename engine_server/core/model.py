@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine_server.core.frozen import fast_init
 
 
 class NodeState(enum.Enum):
@@ -55,6 +57,7 @@ END_EVENTS = frozenset({NodeType.EMPTY_END_EVENT, NodeType.EXECUTABLE_END_EVENT}
 TASK_NODES = frozenset({NodeType.SERVICE_ACTIVITY, NodeType.EXECUTABLE_END_EVENT})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class VarSpec:
     """One variable of `data.inputs`, a component's inputs or a subprocess's params, as written in the tree."""
@@ -68,6 +71,7 @@ class VarSpec:
     is_param: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FlowSpec:
     id: str
@@ -76,6 +80,7 @@ class FlowSpec:
     is_default: bool = False
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class NodeSpec:
     id: str
@@ -103,6 +108,7 @@ class NodeSpec:
     params: Mapping[str, VarSpec] = field(default_factory=dict)
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class PipelineSpec:
     id: str
@@ -125,6 +131,7 @@ class PipelineSpec:
         return self.index
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class TreeIndex:
     """Lookups over a whole tree. Node ids are unique across all levels, so one map serves them all."""
@@ -141,6 +148,7 @@ class TreeIndex:
     output_refs: Mapping[str, tuple[tuple[str, str, str], ...]]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class NodeRun:
     """The current attempt of one node. Earlier attempts are kept as history rows of the same shape."""
@@ -166,6 +174,7 @@ class NodeRun:
     scope_entry: str = ""
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Join:
     """Arrivals at a fork's converge gateway so far."""
@@ -174,6 +183,7 @@ class Join:
     arrived: int = 0
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """All the engine knows about one pipeline: its tree, its state, its nodes' current attempts."""
@@ -212,30 +222,9 @@ FAILURE_HANDLER_NODE = ""
 FAILURE_HANDLER_VERSION = "failure-handler"
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class FailureHandler:
     code: str
     state: str = ""  # "" (not run), RUNNING, FINISHED or FAILED
     outputs: Mapping[str, Any] = field(default_factory=dict)
-
-
-_Record = TypeVar("_Record")
-_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-
-
-def evolve(record: _Record, **changes: Any) -> _Record:
-    """`dataclasses.replace` for the core's frozen records (none has a __post_init__), at under half its cost:
-    the engine makes several new NodeRuns per task, and replace() re-inspects the class on every call."""
-    cls = type(record)
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(record))  # type: ignore[arg-type]
-    for name in changes:
-        if name not in names:
-            raise TypeError(f"{cls.__name__} has no field {name!r}")
-    new = _new_object(cls)
-    for name in names:
-        _set_attribute(new, name, changes[name] if name in changes else getattr(record, name))
-    return new

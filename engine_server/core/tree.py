@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine_server.core.expressions import ExpressionError, cached_condition, cached_splice, splice_names
+from engine_server.core.frozen import evolve, fast_init
 from engine_server.core.lazy import LAZY_RESOLVERS
 from engine_server.core.model import (
     DIVERGING_GATEWAYS,
@@ -24,13 +25,13 @@ from engine_server.core.model import (
     PipelineSpec,
     TreeIndex,
     VarSpec,
-    evolve,
 )
 
 VARIABLE_TYPES = frozenset({"plain", "splice", "lazy"})
 CONDITION_GATEWAYS = frozenset({NodeType.EXCLUSIVE_GATEWAY, NodeType.CONDITIONAL_PARALLEL_GATEWAY})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Problem:
     code: str

@@ -10,7 +10,10 @@ engine around them, so the per-hop figure of `chain-1000` can be read against it
 - `grpc_stream_round_trip_us`: one small message to a Python `grpc.aio` server in another process and its
   echo back on a bidirectional stream (how TaskStream carries tasks and reports);
 - `grpc_unary_round_trip_us`: the same as a unary call (how StartPipeline, PollTasks and CompleteTask go);
-- `chain_hop_floor_sqlite_us` (and `_postgresql_us`): that database's commit + the stream round trip.
+- `chain_hop_floor_sqlite_us` (and `_postgresql_us`): that database's commit + the stream round trip;
+- `engine_hop_sqlite_us` (and `_postgresql_us`): one hop of a chain through the engine itself, in this
+  process with no gRPC and no worker: a waiting poll, the running task's report, and the batch that applies
+  it, offers the next task, hands it to the poll and commits. What the engine adds to the commit floor.
 
 Prints JSON on stdout and a short table on stderr, like `python -m bench`.
 """
@@ -30,10 +33,17 @@ from typing import Any
 
 import grpc
 
+from bench.database import fresh_database
 from bench.processes import free_port
 from bench.results import machine_info
 from bench.runtime import ChildProcess, positive_int, progress
+from bench.scenarios.chain import chain_of_noops
 from bench.stats import percentile
+from bench.worker import NOOP
+from engine_server.core.tree import parse_tree
+from engine_server.engine import Engine
+from engine_server.settings import Settings
+from storage.store import Store
 
 _SERVICE = "floors.Echo"
 _MESSAGE = b"x" * 100  # about a small task or report
@@ -85,6 +95,36 @@ def postgresql_commits(url: str, count: int) -> list[float]:
 
         _timed(commit_one, _WARM_UP)
         return _timed(commit_one, count)
+
+
+async def _engine_hops(url: str, count: int) -> list[float]:
+    store = Store(url)
+    engine = Engine(store, Settings(database_url=url))
+    await engine.start()
+    try:
+        tree, _ = chain_of_noops(_WARM_UP + count + 1)
+        await engine.enqueue_start(tree_json=json.dumps(tree), spec=parse_tree(tree), presets={})
+        tasks = await engine.poll_tasks("floors", [NOOP], 1, 10_000)
+        samples = []
+        for number in range(_WARM_UP + count):
+            began = time.perf_counter()
+            # The poll waits before the report arrives, as a worker's TaskStream does: one batch per hop.
+            next_poll = asyncio.ensure_future(engine.poll_tasks("floors", [NOOP], 1, 10_000))
+            await asyncio.sleep(0)
+            await engine.complete_task(tasks[0].token, {})
+            tasks = await next_poll
+            if not tasks:
+                raise RuntimeError("the engine offered no next task within 10 s")
+            if number >= _WARM_UP:
+                samples.append(time.perf_counter() - began)
+        return samples
+    finally:
+        await engine.stop()
+
+
+def engine_hops(url: str | None, directory: Path, count: int) -> list[float]:
+    with fresh_database(url, directory) as database:
+        return asyncio.run(_engine_hops(database.url, count))
 
 
 # --- the echo server, run in its own process (`--echo-server PORT`) ---------------------------------
@@ -166,6 +206,11 @@ def main() -> None:
         if args.db:
             progress("PostgreSQL commits")
             figures["postgresql_commit_us"] = _summary(postgresql_commits(args.db, args.count))
+        progress("engine hops on SQLite (in this process: no gRPC, no worker)")
+        figures["engine_hop_sqlite_us"] = _summary(engine_hops(None, directory, args.count))
+        if args.db:
+            progress("engine hops on PostgreSQL")
+            figures["engine_hop_postgresql_us"] = _summary(engine_hops(args.db, directory, args.count))
         progress("gRPC round trips (Python grpc.aio server in another process)")
         stream, unary = grpc_round_trips(directory, args.count)
     figures["grpc_stream_round_trip_us"] = _summary(stream)

@@ -204,8 +204,12 @@ def test_the_floors_of_a_chain_hop_are_measured_and_reported() -> None:
         "grpc_stream_round_trip_us",
         "grpc_unary_round_trip_us",
         "chain_hop_floor_sqlite_us",
+        "engine_hop_sqlite_us",
     }
     hop = floors["chain_hop_floor_sqlite_us"]["p50"]
     assert hop == pytest.approx(floors["sqlite_commit_us"]["p50"] + floors["grpc_stream_round_trip_us"]["p50"])
     assert 0 < floors["sqlite_commit_us"]["p50"] <= floors["sqlite_commit_us"]["p99"]
+    # The engine's own hop (report, next task, commit; no gRPC) was timed over the hops of a real chain.
+    assert 0 < floors["engine_hop_sqlite_us"]["p50"] <= floors["engine_hop_sqlite_us"]["p99"]
     assert "chain_hop_floor_sqlite_us" in completed.stderr  # the table
+    assert "engine_hop_sqlite_us" in completed.stderr

@@ -973,7 +973,7 @@ class _Batch:
     ) -> _BatchResult:
         outcomes: list[Any] = []
         started = time.perf_counter()
-        with conn.begin():
+        with self.store.transaction(conn):
             task_rows = self.store.load_tasks(
                 conn, [op.token.task_id for op in ops if isinstance(op, _Report | _Heartbeat)]
             )

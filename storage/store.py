@@ -105,6 +105,9 @@ class Store:
         self._node_upsert = self._build_node_upsert()
         self._build_statements()
         self._driver_plans: dict[tuple[int, tuple[tuple[str, int], ...]], _DriverPlan | None] = {}
+        # PostgreSQL's driver gives values as SQLAlchemy would (SQLite's would be 0/1 for booleans): reads inside
+        # a batch then go straight to it, which they must in a pipeline (see `transaction`).
+        self._rows_from_driver = self.dialect == "postgresql"
 
     @property
     def is_sqlite(self) -> bool:
@@ -268,9 +271,14 @@ class Store:
         return {row.id: row.row_version for row in self._query(conn, self._pipeline_versions, {"ids": ids})}
 
     def load_pipeline(self, conn: Connection, pipeline_id: str) -> Row[Any] | None:
+        if self._rows_from_driver:
+            rows = self._query(conn, self._load_pipeline, {"id": pipeline_id})
+            return rows[0] if rows else None
         return conn.execute(self._load_pipeline, {"id": pipeline_id}).first()
 
     def load_nodes(self, conn: Connection, pipeline_id: str) -> Sequence[Row[Any]]:
+        if self._rows_from_driver:
+            return self._query(conn, self._load_nodes, {"id": pipeline_id})
         return conn.execute(self._load_nodes, {"id": pipeline_id}).all()
 
     def existing_pipeline_ids(self, conn: Connection, pipeline_ids: Iterable[str]) -> set[str]:
@@ -364,7 +372,10 @@ class Store:
         return rows
 
     def next_timer_at(self, conn: Connection) -> int | None:
-        next_at: int | None = conn.scalar(self._next_timer)
+        if self._rows_from_driver:
+            next_at: int | None = self._query(conn, self._next_timer, {})[0][0]
+            return next_at
+        next_at = conn.scalar(self._next_timer)
         return next_at
 
     def purge_batch(self, conn: Connection, finished_before: int, batch_size: int) -> int:
@@ -398,6 +409,29 @@ class Store:
 
     # ------------------------------------------------------------ the batch write
 
+    @contextlib.contextmanager
+    def transaction(self, conn: Connection) -> Iterator[None]:
+        """One transaction, committed at the end of the block and rolled back if it raises.
+
+        On PostgreSQL its statements go out in psycopg's pipeline mode: each is sent without waiting for the one
+        before, and reading a query's rows waits once for everything sent until then; the COMMIT goes out with
+        the block's last statements. A report's batch so waits for the server about 6 times instead of 9 (the
+        writes of four kinds of rows go with the claim that follows them), and each wait is a round trip to
+        another process: ~0.2 ms on a busy machine. SQLite runs in this process: a plain
+        transaction. Inside, an error may surface at a later statement than the one that caused it.
+        """
+        with conn.begin() as transaction:
+            if self.dialect != "postgresql":
+                yield
+                transaction.commit()
+                return
+            driver = conn.connection.driver_connection
+            # The pipeline ends before the transaction does, so a rollback runs outside it (in an aborted
+            # pipeline it would fail itself and hide the error that caused it).
+            with self._driver_errors("(a pipelined statement)", (), driver), driver.pipeline():  # type: ignore[union-attr]
+                yield
+                transaction.commit()
+
     def write(self, conn: Connection, changes: WriteSet) -> None:
         for statement, rows in (
             (self._insert_pipelines, changes.new_pipelines),
@@ -421,6 +455,7 @@ class Store:
         per-row parameter processing cost about as much as the database itself on the hot path."""
         plan = self._driver_plan(statement, rows[0])
         if plan is None:
+            self._outside_a_pipeline(conn, statement)
             conn.execute(statement, rows)
             return
         values = [plan.values(row) for row in rows]
@@ -433,6 +468,7 @@ class Store:
         execution cost ten times SQLite's own work for these small queries."""
         plan = self._driver_plan(statement, parameters)
         if plan is None:
+            self._outside_a_pipeline(conn, statement)
             return list(conn.execute(statement, parameters))
         values = plan.values(parameters)
         driver = conn.connection.driver_connection
@@ -489,6 +525,12 @@ class Store:
             plan = None
         self._driver_plans[key] = plan
         return plan
+
+    def _outside_a_pipeline(self, conn: Connection, statement: Any) -> None:
+        """SQLAlchemy cannot run a statement in psycopg's pipeline mode (it reads a result's columns before the
+        result has arrived, and takes a query for one without rows): refuse rather than lose rows."""
+        if self.dialect == "postgresql" and conn.connection.driver_connection.pgconn.pipeline_status:  # type: ignore[union-attr]
+            raise RuntimeError(f"this statement cannot run inside Store.transaction(): {statement}")
 
     @contextlib.contextmanager
     def _driver_errors(self, sql: str, values: Any, driver_connection: Any) -> Iterator[None]:

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from storage.schema import QUEUED
 from storage.store import Store, WriteSet
+from tests.conftest import create_postgres_database, drop_postgres_database
 
 
 @pytest.fixture
@@ -86,3 +87,77 @@ def test_begin_on_a_locked_sqlite_database_raises_sqlalchemys_operational_error(
         other_writer.rollback()
         other_writer.close()
         store.dispose()
+
+
+def test_a_pipelined_batch_reads_back_what_it_wrote_and_commits_it(store: Store) -> None:
+    """In `Store.transaction` (psycopg's pipeline mode on PostgreSQL) reads wait for the writes sent before them."""
+    with store.writer.connect() as conn, store.transaction(conn):
+        store.write(conn, WriteSet(task_inserts=[_task("t1", "a", 10), _task("t2", "a", 20)]))
+        claimed = store.claim(conn, codes=["a"], limit=1, now=100, lease_deadline=500, worker_id="w", secret="s")
+        assert store.load_pipeline(conn, "p1") is None
+        assert list(store.load_nodes(conn, "p1")) == []
+        assert store.next_timer_at(conn) is None
+
+    assert [row.id for row in claimed] == ["t1"]
+    with store.writer.connect() as conn, conn.begin():
+        assert sorted(store.load_tasks(conn, ["t1", "t2"])) == ["t1", "t2"]
+
+
+def test_an_error_in_a_pipelined_batch_is_sqlalchemys_and_leaves_nothing_behind(store: Store) -> None:
+    with store.writer.connect() as conn, conn.begin():
+        store.write(conn, WriteSet(task_inserts=[_task("t1", "a", 10)]))
+
+    with pytest.raises(IntegrityError), store.writer.connect() as conn, store.transaction(conn):
+        store.write(conn, WriteSet(task_inserts=[_task("t2", "a", 10), _task("t1", "a", 10)]))
+        store.claim(conn, codes=["a"], limit=5, now=100, lease_deadline=500, worker_id="w", secret="s")
+
+    with store.writer.connect() as conn, conn.begin():
+        assert list(store.load_tasks(conn, ["t1", "t2"])) == ["t1"]
+        assert store.claim(conn, codes=["a"], limit=5, now=100, lease_deadline=500, worker_id="w", secret="s")
+
+
+@pytest.fixture
+def postgres_store(postgres_admin_url: str) -> Iterator[Store]:
+    url, name = create_postgres_database(postgres_admin_url)
+    store = Store(url)
+    store.prepare_schema()
+    yield store
+    store.dispose()
+    drop_postgres_database(postgres_admin_url, name)
+
+
+def test_on_postgresql_a_batchs_writes_its_claim_and_its_commit_wait_for_the_server_once(
+    postgres_store: Store, tmp_path: Path
+) -> None:
+    """Each wait is a round trip to the server process; a report's batch writes four kinds of rows, then claims."""
+    trace_path = tmp_path / "protocol.trace"
+    changes = WriteSet(
+        task_inserts=[_task("t1", "a", 10)],
+        task_completions=[{"b_id": "t1", "completed_claim": 1, "result_kind": 1}],
+        lease_extensions=[{"b_id": "t1", "b_claim_no": 1, "lease_deadline": 5, "progress_json": ""}],
+        task_releases=[{"b_id": "t1", "b_claim_no": 1}],
+    )
+    with postgres_store.writer.connect() as conn, trace_path.open("w") as trace:
+        driver: Any = conn.connection.driver_connection
+        driver.pgconn.trace(trace.fileno())
+        with postgres_store.transaction(conn):
+            postgres_store.write(conn, changes)
+            claimed = postgres_store.claim(
+                conn, codes=["a"], limit=1, now=100, lease_deadline=500, worker_id="w", secret="s"
+            )
+        driver.pgconn.untrace()
+
+    assert [row.id for row in claimed] == ["t1"]
+    # The client's messages (psycopg's protocol trace: time, F(rontend), length, type, ...) that ask the server to
+    # answer now. Without the pipeline: a Query for BEGIN, a Sync per statement and more, a Query for COMMIT.
+    sent = [
+        fields[3]
+        for fields in (line.split("\t") for line in trace_path.read_text().splitlines())
+        if fields[1:2] == ["F"]
+    ]
+    assert sent.count("Execute") == 7  # BEGIN, the four writes, the claim, COMMIT
+    # Pipelined: BEGIN's Sync, one Flush for the writes and the claim's rows, COMMIT's Sync, and the pipeline's
+    # closing Sync and Flush. One statement at a time this was 11: a Query each for BEGIN and COMMIT, a Sync and a
+    # Flush per written kind, a Sync for the claim.
+    waits = [message for message in sent if message in ("Sync", "Flush", "Query")]
+    assert len(waits) <= 5, sent

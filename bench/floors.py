@@ -100,7 +100,11 @@ def postgresql_commits(url: str, count: int) -> list[float]:
 async def _engine_hops(url: str, count: int) -> list[float]:
     store = Store(url)
     engine = Engine(store, Settings(database_url=url))
-    await engine.start()
+    try:
+        await engine.start()
+    except BaseException:
+        store.dispose()
+        raise
     try:
         tree, _ = chain_of_noops(_WARM_UP + count + 1)
         await engine.enqueue_start(tree_json=json.dumps(tree), spec=parse_tree(tree), presets={})

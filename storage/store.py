@@ -105,9 +105,9 @@ class Store:
         self._node_upsert = self._build_node_upsert()
         self._build_statements()
         self._driver_plans: dict[tuple[int, tuple[tuple[str, int], ...]], _DriverPlan | None] = {}
-        # PostgreSQL's driver gives values as SQLAlchemy would (SQLite's would be 0/1 for booleans): reads inside
-        # a batch then go straight to it, which they must in a pipeline (see `transaction`).
-        self._rows_from_driver = self.dialect == "postgresql"
+        # psycopg has a pipeline mode (see `transaction`), and gives values as SQLAlchemy would (SQLite's driver
+        # would give 0/1 for booleans): a batch's reads go straight to it, which they must in a pipeline.
+        self._pipeline_mode = self.writer.dialect.driver == "psycopg"
 
     @property
     def is_sqlite(self) -> bool:
@@ -271,13 +271,13 @@ class Store:
         return {row.id: row.row_version for row in self._query(conn, self._pipeline_versions, {"ids": ids})}
 
     def load_pipeline(self, conn: Connection, pipeline_id: str) -> Row[Any] | None:
-        if self._rows_from_driver:
+        if self._pipeline_mode:
             rows = self._query(conn, self._load_pipeline, {"id": pipeline_id})
             return rows[0] if rows else None
         return conn.execute(self._load_pipeline, {"id": pipeline_id}).first()
 
     def load_nodes(self, conn: Connection, pipeline_id: str) -> Sequence[Row[Any]]:
-        if self._rows_from_driver:
+        if self._pipeline_mode:
             return self._query(conn, self._load_nodes, {"id": pipeline_id})
         return conn.execute(self._load_nodes, {"id": pipeline_id}).all()
 
@@ -372,7 +372,7 @@ class Store:
         return rows
 
     def next_timer_at(self, conn: Connection) -> int | None:
-        if self._rows_from_driver:
+        if self._pipeline_mode:
             next_at: int | None = self._query(conn, self._next_timer, {})[0][0]
             return next_at
         next_at = conn.scalar(self._next_timer)
@@ -417,20 +417,22 @@ class Store:
         before, and reading a query's rows waits once for everything sent until then; the COMMIT goes out with
         the block's last statements. A report's batch so waits for the server about 6 times instead of 9 (the
         writes of four kinds of rows go with the claim that follows them), and each wait is a round trip to
-        another process: ~0.2 ms on a busy machine. SQLite runs in this process: a plain
-        transaction. Inside, an error may surface at a later statement than the one that caused it.
+        another process: ~0.2 ms on a busy machine. SQLite runs in this process (and another PostgreSQL driver
+        has no pipeline mode): a plain transaction. Inside, an error may surface at a later statement than the
+        one that caused it.
         """
-        with conn.begin() as transaction:
-            if self.dialect != "postgresql":
+        with conn.begin():
+            if not self._pipeline_mode:
                 yield
-                transaction.commit()
                 return
             driver = conn.connection.driver_connection
-            # The pipeline ends before the transaction does, so a rollback runs outside it (in an aborted
-            # pipeline it would fail itself and hide the error that caused it).
+            # The pipeline ends before SQLAlchemy's transaction does, so a rollback runs outside it (in an aborted
+            # pipeline it would fail itself and hide the error that caused it). COMMIT goes to the driver, inside:
+            # it then leaves with the pipeline's closing Sync, one wait; SQLAlchemy's own commit finds the
+            # connection idle and does nothing, and a COMMIT that fails still gets SQLAlchemy's rollback.
             with self._driver_errors("(a pipelined statement)", (), driver), driver.pipeline():  # type: ignore[union-attr]
                 yield
-                transaction.commit()
+                driver.cursor().execute("COMMIT")  # type: ignore[union-attr]
 
     def write(self, conn: Connection, changes: WriteSet) -> None:
         for statement, rows in (
@@ -529,7 +531,7 @@ class Store:
     def _outside_a_pipeline(self, conn: Connection, statement: Any) -> None:
         """SQLAlchemy cannot run a statement in psycopg's pipeline mode (it reads a result's columns before the
         result has arrived, and takes a query for one without rows): refuse rather than lose rows."""
-        if self.dialect == "postgresql" and conn.connection.driver_connection.pgconn.pipeline_status:  # type: ignore[union-attr]
+        if self._pipeline_mode and conn.connection.driver_connection.pgconn.pipeline_status:  # type: ignore[union-attr]
             raise RuntimeError(f"this statement cannot run inside Store.transaction(): {statement}")
 
     @contextlib.contextmanager

@@ -10,6 +10,7 @@ the same. The classes stay frozen: assigning to a field still raises FrozenInsta
 
 from __future__ import annotations
 
+import types
 from dataclasses import MISSING, fields
 from typing import Any, TypeVar
 
@@ -22,8 +23,17 @@ _EVOLVERS: dict[type[Any], Any] = {}
 def fast_init(cls: type[_Record]) -> type[_Record]:
     """Class decorator, applied over @dataclass(frozen=True, slots=True)."""
     record_fields = fields(cls)  # type: ignore[arg-type]
-    if hasattr(cls, "__post_init__") or any(not f.init or f.kw_only for f in record_fields):
-        raise TypeError(f"{cls.__name__}: fast_init supports plain fields only (no __post_init__, init=False, kw_only)")
+    declared = cls.__dict__.get("__dataclass_fields__", {})
+    if (
+        hasattr(cls, "__post_init__")
+        or len(declared) != len(record_fields)  # an InitVar or a ClassVar
+        or any(not f.init or f.kw_only or f.name.startswith("_") for f in record_fields)
+        or any(not isinstance(cls.__dict__.get(f.name), types.MemberDescriptorType) for f in record_fields)
+    ):
+        raise TypeError(
+            f"{cls.__name__}: fast_init supports a frozen slots dataclass of plain public fields, declared on the "
+            "class itself (no __post_init__, InitVar, ClassVar, init=False, kw_only or inherited fields)"
+        )
     namespace: dict[str, Any] = {"_MISSING": MISSING}
     parameters: list[str] = []
     body: list[str] = []
@@ -60,7 +70,7 @@ def _evolver(cls: type[Any]) -> Any:
     ]
     for number, name in enumerate(names):
         slot = cls.__dict__.get(name)
-        if slot is not None and hasattr(slot, "__set__"):
+        if isinstance(slot, types.MemberDescriptorType):
             namespace[f"_set{number}"] = slot.__set__
         else:  # a class without slots
             namespace[f"_set{number}"] = lambda record, value, name=name: object.__setattr__(record, name, value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import pytest
@@ -51,16 +51,34 @@ def test_records_stay_frozen() -> None:
         run.state = NodeState.FINISHED  # type: ignore[misc]
 
 
-def test_fast_init_refuses_what_it_cannot_copy() -> None:
-    with pytest.raises(TypeError, match="plain fields only"):
+@dataclass(frozen=True, slots=True)
+class _WithPostInit:
+    name: str
 
-        @fast_init
-        @dataclass(frozen=True, slots=True)
-        class _Checked:
-            name: str
+    def __post_init__(self) -> None:
+        pass
 
-            def __post_init__(self) -> None:
-                pass
+
+@dataclass(frozen=True, slots=True)
+class _WithInitVar:
+    name: str
+    extra: InitVar[int] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _WithPrivateField:
+    _MISSING: str = "shadows the generated code's own names"
+
+
+@dataclass(frozen=True, slots=True)
+class _Inheriting(_Sample):
+    more: int = 0
+
+
+@pytest.mark.parametrize("record_class", [_WithPostInit, _WithInitVar, _WithPrivateField, _Inheriting])
+def test_fast_init_refuses_a_class_it_would_build_differently(record_class: type[Any]) -> None:
+    with pytest.raises(TypeError, match="plain public fields"):
+        fast_init(record_class)
 
 
 def test_evolve_changes_the_named_fields_of_a_copy_only() -> None:

@@ -415,9 +415,9 @@ class Store:
 
         On PostgreSQL its statements go out in psycopg's pipeline mode: each is sent without waiting for the one
         before, and reading a query's rows waits once for everything sent until then; the COMMIT goes out with
-        the block's last statements. A report's batch so waits for the server about 6 times instead of 9 (the
-        writes of four kinds of rows go with the claim that follows them), and each wait is a round trip to
-        another process: ~0.2 ms on a busy machine. SQLite runs in this process (and another PostgreSQL driver
+        the block's last statements. A report's batch so waits for the server 5 times instead of 9 (the writes
+        of four kinds of rows go with the claim that follows them, and COMMIT with the pipeline's end), and each
+        wait is a round trip to another process: ~0.2 ms on a busy machine. SQLite runs in this process (and another PostgreSQL driver
         has no pipeline mode): a plain transaction. Inside, an error may surface at a later statement than the
         one that caused it.
         """

@@ -417,9 +417,9 @@ class Store:
         before, and reading a query's rows waits once for everything sent until then; the COMMIT goes out with
         the block's last statements. A report's batch so waits for the server 5 times instead of 9 (the writes
         of four kinds of rows go with the claim that follows them, and COMMIT with the pipeline's end), and each
-        wait is a round trip to another process: ~0.2 ms on a busy machine. SQLite runs in this process (and another PostgreSQL driver
-        has no pipeline mode): a plain transaction. Inside, an error may surface at a later statement than the
-        one that caused it.
+        wait is a round trip to another process: ~0.2 ms on a busy machine. SQLite runs in this process (and
+        another PostgreSQL driver has no pipeline mode): a plain transaction. Inside, an error may surface at a
+        later statement than the one that caused it.
         """
         with conn.begin():
             if not self._pipeline_mode:

@@ -227,6 +227,8 @@ class _Op:
 @dataclass(eq=False)
 class _Start(_Op):
     pipeline_id: str
+    # The caller named the pipeline: that id may be taken. One the engine made (ordered_id) is new.
+    id_chosen: bool
     name: str
     tree_json: str
     spec: PipelineSpec
@@ -454,6 +456,7 @@ class Engine:
         """Queues a start; the future resolves to (pipeline id, created) once it is committed (or refused)."""
         op = _Start(
             pipeline_id=pipeline_id or ordered_id(),
+            id_chosen=bool(pipeline_id),
             name=name,
             tree_json=tree_json,
             spec=spec,
@@ -985,7 +988,7 @@ class _Batch:
                 | {timer.pipeline_id for timer in fired},
             )
             starts = [op for op in ops if isinstance(op, _Start)]
-            taken_ids = self.store.existing_pipeline_ids(conn, [op.pipeline_id for op in starts])
+            taken_ids = self.store.existing_pipeline_ids(conn, [op.pipeline_id for op in starts if op.id_chosen])
             by_key = self.store.pipelines_by_idempotency_key(
                 conn, [op.idempotency_key for op in starts if op.idempotency_key]
             )

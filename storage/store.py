@@ -271,15 +271,11 @@ class Store:
         return {row.id: row.row_version for row in self._query(conn, self._pipeline_versions, {"ids": ids})}
 
     def load_pipeline(self, conn: Connection, pipeline_id: str) -> Row[Any] | None:
-        if self._pipeline_mode:
-            rows = self._query(conn, self._load_pipeline, {"id": pipeline_id})
-            return rows[0] if rows else None
-        return conn.execute(self._load_pipeline, {"id": pipeline_id}).first()
+        rows = self._read(conn, self._load_pipeline, {"id": pipeline_id})
+        return rows[0] if rows else None
 
     def load_nodes(self, conn: Connection, pipeline_id: str) -> Sequence[Row[Any]]:
-        if self._pipeline_mode:
-            return self._query(conn, self._load_nodes, {"id": pipeline_id})
-        return conn.execute(self._load_nodes, {"id": pipeline_id}).all()
+        return self._read(conn, self._load_nodes, {"id": pipeline_id})
 
     def existing_pipeline_ids(self, conn: Connection, pipeline_ids: Iterable[str]) -> set[str]:
         ids = list(set(pipeline_ids))
@@ -372,10 +368,7 @@ class Store:
         return rows
 
     def next_timer_at(self, conn: Connection) -> int | None:
-        if self._pipeline_mode:
-            next_at: int | None = self._query(conn, self._next_timer, {})[0][0]
-            return next_at
-        next_at = conn.scalar(self._next_timer)
+        next_at: int | None = self._read(conn, self._next_timer, {})[0][0]
         return next_at
 
     def purge_batch(self, conn: Connection, finished_before: int, batch_size: int) -> int:
@@ -481,6 +474,13 @@ class Store:
         if plan.row_type is None:
             plan.row_type = namedtuple("Row", [column[0] for column in cursor.description])  # type: ignore[misc]
         return [plan.row_type._make(row) for row in rows]
+
+    def _read(self, conn: Connection, statement: Any, parameters: Mapping[str, Any]) -> list[Any]:
+        """Rows of a read that is not on the hot path but may run inside a batch: straight from psycopg, which
+        a pipelined batch needs (see `transaction`); through SQLAlchemy otherwise, whose types SQLite needs."""
+        if self._pipeline_mode:
+            return self._query(conn, statement, parameters)
+        return list(conn.execute(statement, parameters))
 
     def _driver_plan(self, statement: Any, parameters: Mapping[str, Any]) -> _DriverPlan | None:
         """Compiled once per statement and shape of parameters (their names, and the length of each list, whose

@@ -140,14 +140,15 @@ def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Nam
             cpu_before = cpu_seconds(measured.server_pid) if measured.server_pid else None
             workers_cpu_before = sum(cpu_seconds(pid) for pid in measured.worker_pids)
             result = scenario.run(measured)
-            if cpu_before is not None and measured.server_pid and result.tasks:
+            tasks_run = result.tasks_run or result.tasks
+            if cpu_before is not None and measured.server_pid and tasks_run:
                 # Steadier than wall time on a shared machine; includes the scenario's reads of the results.
                 server_cpu_s = cpu_seconds(measured.server_pid) - cpu_before
-                result.figures["server_cpu_ms_per_task"] = 1000 * server_cpu_s / result.tasks
-            if measured.worker_pids and result.tasks:
+                result.figures["server_cpu_ms_per_task"] = 1000 * server_cpu_s / tasks_run
+            if measured.worker_pids and tasks_run:
                 # The workers run on the same cores: what they burn, the server cannot use.
                 workers_cpu_s = sum(cpu_seconds(pid) for pid in measured.worker_pids) - workers_cpu_before
-                result.figures["workers_cpu_ms_per_task"] = 1000 * workers_cpu_s / result.tasks
+                result.figures["workers_cpu_ms_per_task"] = 1000 * workers_cpu_s / tasks_run
             runs.append(result)
             latency = result.to_json()["latency"][scenario.headline_latency]
             progress(

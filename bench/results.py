@@ -32,6 +32,9 @@ class RunResult:
     figures: dict[str, float] = field(default_factory=dict)
     """Scenario-specific headline numbers (e.g. the engine's RSS): keys of the run's JSON, and
     summarised (median, min, max over the runs) under the same keys in the scenario's summary."""
+    tasks_run: int = 0
+    """Every task the run executed, when more than `tasks` (sustained rates one phase but runs two): the
+    processes' CPU per task divides by this. 0 means `tasks`."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -41,6 +44,7 @@ class RunResult:
         return {
             "wall_s": round(self.wall_s, 4),
             "tasks": self.tasks,
+            "tasks_run": self.tasks_run or self.tasks,
             "tasks_per_s": round(self.tasks_per_s, 2),
             "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
             **self.details,

@@ -308,6 +308,7 @@ def run_sustained(context: ScenarioContext) -> RunResult:
     return RunResult(
         wall_s=seconds,
         tasks=completed_in_phase,
+        tasks_run=len(saturated) + len(half),
         latencies_ms={
             "start_to_finish": start_to_finish,
             "engine_start_to_finish": engine_start_to_finish,

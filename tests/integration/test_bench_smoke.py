@@ -131,6 +131,8 @@ def test_sustained_reports_the_saturated_rate_and_latency_at_half_of_it(
     saturated, half = run["saturated"], run["half_rate"]
     assert run["wall_s"] == SUSTAINED_SECONDS
     assert 0 < run["tasks"] == saturated["finished_in_phase"] <= saturated["started"]
+    # Both phases ran pipelines: the CPU per task divides the run's CPU by all of them, not by the rated phase's.
+    assert run["tasks_run"] == saturated["started"] + half["started"]
     assert run["saturated_tasks_per_s"] == pytest.approx(run["tasks"] / SUSTAINED_SECONDS, rel=1e-3)
     assert run["half_rate_target_per_s"] == pytest.approx(run["saturated_tasks_per_s"] / 2, rel=1e-3)
     assert run["half_rate_offered_per_s"] > 0

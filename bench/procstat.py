@@ -30,6 +30,13 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / _CLOCK_TICKS_PER_S
 
 
+def machine_idle_and_total_ticks() -> tuple[int, int]:
+    """All cores' idle (idle + iowait) and total clock ticks so far: the first line of /proc/stat."""
+    ticks = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # guest and guest_nice (the 9th and 10th) are already counted in user and nice.
+    return ticks[3] + ticks[4], sum(ticks[:8])
+
+
 @dataclass(frozen=True)
 class CpuSample:
     wall_s: float

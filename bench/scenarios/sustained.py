@@ -20,6 +20,7 @@ import asyncio
 import math
 import multiprocessing
 import queue
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.aio_client import AsyncEngineClient, PipelineSummary, StartBatcher
+from bench.procstat import cpu_seconds, machine_idle_and_total_ticks
 from bench.scenarios.base import RunResult, Scenario, ScenarioContext, require_finished
 from bench.scenarios.independent import one_noop_tree_json
 from bench.stats import percentile
@@ -192,10 +194,53 @@ def _load_process(
 # --- in the benchmark -----------------------------------------------------------------------------
 
 
+class _PhaseWindowCpu:
+    """The server's and the workers' CPU between a phase's beginning and its end, read from /proc by a thread
+    that sleeps until those instants (the phase runs in other processes, and `_run_load` blocks meanwhile)."""
+
+    def __init__(self, context: ScenarioContext, begin_at: float, seconds: float) -> None:
+        self._pids = ([context.server_pid] if context.server_pid else [], list(context.worker_pids))
+        self._begin_at, self._seconds = begin_at, seconds
+        self.wall_s = seconds
+        self.server_cpu_s = self.workers_cpu_s = 0.0
+        self.machine_idle_percent = 0.0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._watch, name="bench-phase-cpu", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> tuple[float, float, float]:
+        server_pids, worker_pids = self._pids
+        server = sum(cpu_seconds(pid) for pid in server_pids)
+        return time.monotonic(), server, sum(cpu_seconds(pid) for pid in worker_pids)
+
+    def _watch(self) -> None:
+        try:
+            time.sleep(max(0.0, self._begin_at - time.time()))
+            began, server_before, workers_before = self._read()
+            idle_before, total_before = machine_idle_and_total_ticks()
+            time.sleep(max(0.0, self._begin_at + self._seconds - time.time()))
+            ended, server_after, workers_after = self._read()
+            idle_after, total_after = machine_idle_and_total_ticks()
+        except BaseException as exc:  # a process gone: join() raises it rather than reporting zeros
+            self._error = exc
+            return
+        # The interval really read, not the nominal one: a late wake-up would bias a short phase.
+        self.wall_s = ended - began
+        self.machine_idle_percent = 100.0 * (idle_after - idle_before) / max(total_after - total_before, 1)
+        self.server_cpu_s, self.workers_cpu_s = server_after - server_before, workers_after - workers_before
+
+    def join(self) -> _PhaseWindowCpu:
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("could not read the processes' CPU during the phase") from self._error
+        return self
+
+
 def _run_load(
     context: ScenarioContext, mode: str, amounts: Sequence[float], offsets: Sequence[float]
-) -> tuple[float, list[LoadResult]]:
-    """Runs one phase in len(amounts) load processes started together; returns its begin time and results."""
+) -> tuple[float, list[LoadResult], _PhaseWindowCpu]:
+    """Runs one phase in len(amounts) load processes started together; returns its begin time, the load
+    processes' results and the CPU the server and workers used during the phase."""
     spawn = multiprocessing.get_context("spawn")  # never fork a process that has gRPC threads
     ready: multiprocessing.Queue[Any] = spawn.Queue()
     go: multiprocessing.Queue[Any] = spawn.Queue()
@@ -216,6 +261,7 @@ def _run_load(
             _get(ready, processes, context, timeout=60.0)
         # A moment ahead, so every process is waiting for the same instant.
         begin_at = time.time() + 0.2
+        window = _PhaseWindowCpu(context, begin_at, context.sustained_seconds)
         for _ in processes:
             go.put(begin_at)
         outcomes = [_get(results, processes, context, timeout=context.timeout) for _ in processes]
@@ -229,7 +275,7 @@ def _run_load(
     errors = [detail for status, detail in outcomes if status == "error"]
     if errors:
         raise RuntimeError(f"a load process failed:\n{errors[0]}")
-    return begin_at, [detail for _, detail in outcomes]
+    return begin_at, [detail for _, detail in outcomes], window.join()
 
 
 def _get(source: multiprocessing.Queue[Any], processes: Sequence[Any], context: ScenarioContext, timeout: float) -> Any:
@@ -281,7 +327,9 @@ def run_sustained(context: ScenarioContext) -> RunResult:
     saturating_processes = context.client_processes or 1
     share, extra = divmod(in_flight, saturating_processes)
     windows = [share + (n < extra) for n in range(saturating_processes)]
-    saturated_begin, saturated_loads = _run_load(context, "closed", windows, [0.0] * saturating_processes)
+    saturated_begin, saturated_loads, saturated_cpu = _run_load(
+        context, "closed", windows, [0.0] * saturating_processes
+    )
     saturated = [s for load in saturated_loads for s in load.started]
     saturated_summaries = _settle(context, saturated)
     phase_ms = (saturated_begin * 1000, (saturated_begin + seconds) * 1000)
@@ -294,7 +342,7 @@ def run_sustained(context: ScenarioContext) -> RunResult:
     target_rate = saturated_rate / 2
     open_processes = context.client_processes or max(1, math.ceil(target_rate / OPEN_LOOP_RATE_PER_PROCESS))
     offsets = [n / target_rate for n in range(open_processes)]
-    half_begin, half_loads = _run_load(context, "open", [target_rate / open_processes] * open_processes, offsets)
+    half_begin, half_loads, _ = _run_load(context, "open", [target_rate / open_processes] * open_processes, offsets)
     half = [s for load in half_loads for s in load.started]
     half_summaries = _settle(context, half)
     half_end = half_begin + seconds
@@ -342,6 +390,12 @@ def run_sustained(context: ScenarioContext) -> RunResult:
             "half_rate_offered_per_s": offered_rate,
             "half_rate_p50_ms": percentile(start_to_finish, 0.50),
             "half_rate_p99_ms": percentile(start_to_finish, 0.99),
+            # Which was the limit of the saturated rate: the server (one process, whose Python runs on one core
+            # at a time) near 100 % with idle cores left, or the machine (no idle left).
+            "saturated_server_cpu_percent": 100.0 * saturated_cpu.server_cpu_s / saturated_cpu.wall_s,
+            "saturated_workers_cpu_percent": 100.0 * saturated_cpu.workers_cpu_s / saturated_cpu.wall_s,
+            "saturated_machine_idle_percent": saturated_cpu.machine_idle_percent,
+            "saturated_server_cpu_ms_per_task": 1000.0 * saturated_cpu.server_cpu_s / completed_in_phase,
         },
     )
 

@@ -140,6 +140,14 @@ def test_sustained_reports_the_saturated_rate_and_latency_at_half_of_it(
     assert run["latency"]["start_to_finish"]["count"] == half["started"] > 0
     assert run["latency"]["saturated_start_to_finish"]["count"] == saturated["started"]
     assert 0 < run["half_rate_p50_ms"] <= run["half_rate_p99_ms"]
+    # What limited the saturated rate: the server's and the workers' CPU during that phase, and the machine's idle.
+    assert run["saturated_server_cpu_percent"] > 0 and run["saturated_workers_cpu_percent"] > 0
+    assert 0 <= run["saturated_machine_idle_percent"] < 100
+    # The phase's CPU is part of the whole run's (both phases and settling): a window or unit mistake breaks this.
+    phase_server_ms = run["saturated_server_cpu_ms_per_task"] * run["tasks"]
+    assert 0 < phase_server_ms <= run["server_cpu_ms_per_task"] * run["tasks_run"] * 1.01
+    phase_workers_ms = 10 * run["saturated_workers_cpu_percent"] * SUSTAINED_SECONDS
+    assert 0 < phase_workers_ms <= run["workers_cpu_ms_per_task"] * run["tasks_run"] * 1.05
     summary = document["scenarios"]["sustained"]["summary"]
     assert summary["half_rate_p99_ms"]["median"] == run["half_rate_p99_ms"]
     assert summary["saturated_tasks_per_s"]["median"] == run["saturated_tasks_per_s"]

@@ -140,7 +140,7 @@ def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Nam
             cpu_before = cpu_seconds(measured.server_pid) if measured.server_pid else None
             workers_cpu_before = sum(cpu_seconds(pid) for pid in measured.worker_pids)
             result = scenario.run(measured)
-            tasks_run = result.tasks_run or result.tasks
+            tasks_run = result.tasks_run
             if cpu_before is not None and measured.server_pid and tasks_run:
                 # Steadier than wall time on a shared machine; includes the scenario's reads of the results.
                 server_cpu_s = cpu_seconds(measured.server_pid) - cpu_before

@@ -34,7 +34,10 @@ class RunResult:
     summarised (median, min, max over the runs) under the same keys in the scenario's summary."""
     tasks_run: int = 0
     """Every task the run executed, when more than `tasks` (sustained rates one phase but runs two): the
-    processes' CPU per task divides by this. 0 means `tasks`."""
+    processes' CPU per task divides by this. Left at 0, it is `tasks`."""
+
+    def __post_init__(self) -> None:
+        self.tasks_run = self.tasks_run or self.tasks
 
     @property
     def tasks_per_s(self) -> float:
@@ -44,7 +47,7 @@ class RunResult:
         return {
             "wall_s": round(self.wall_s, 4),
             "tasks": self.tasks,
-            "tasks_run": self.tasks_run or self.tasks,
+            "tasks_run": self.tasks_run,
             "tasks_per_s": round(self.tasks_per_s, 2),
             "latency": {name: latency_summary(samples) for name, samples in self.latencies_ms.items()},
             **self.details,

@@ -340,8 +340,10 @@ class Engine:
         # Touched only by the database thread.
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._writer_conn: Connection | None = None
-        # Touched only by the event loop.
+        # Touched only by the event loop. Events of existing pipelines (reports, heartbeats, operations) queue apart
+        # from new pipelines' starts, so that a batch takes them first (see _take_batch).
         self._ops: list[_Op] = []
+        self._starts: list[_Op] = []
         self._polls: dict[int, _Poll] = {}
         self._releases: list[ClaimedTask] = []
         self._maybe_codes: set[str] = set()
@@ -403,10 +405,11 @@ class Engine:
             self._checkpoint_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoint_task
-        for op in self._ops:
+        for op in self._ops + self._starts:
             if not op.future.done():
                 op.future.set_exception(Unavailable("the engine server is shutting down; retry on another"))
         self._ops.clear()
+        self._starts.clear()
         for poll in self._polls.values():
             if not poll.future.done():
                 poll.future.set_result([])
@@ -665,7 +668,7 @@ class Engine:
         if self._stopping:
             raise Unavailable("the engine server is shutting down; retry on another")
         op.future = asyncio.get_running_loop().create_future()
-        self._ops.append(op)
+        (self._starts if isinstance(op, _Start) else self._ops).append(op)
         self._kick.set()
         return op.future
 
@@ -766,11 +769,10 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self._seconds_until_due())
             self._kick.clear()
-            if self._stopping and not self._ops and not self._releases:
+            if self._stopping and not self._ops and not self._starts and not self._releases:
                 return
             now = self.clock()
-            ops = self._ops[: self.settings.max_batch]
-            del self._ops[: len(ops)]
+            ops = self._take_batch()
             releases, self._releases = self._releases, []
             reap = now >= self._next_reap_at
             if reap:
@@ -808,6 +810,22 @@ class Engine:
             finally:
                 notified, self._notified_during_batch = self._notified_during_batch or set(), None
             self._deliver(ops, polls, requests, result, notified)
+
+    def _take_batch(self) -> list[_Op]:
+        """The next batch's operations: every queued event of existing pipelines first (up to max_batch), then
+        starts up to max_starts_per_batch.
+
+        Under a burst of starts, FIFO batches of max_batch starts each took 0.4-1.4 s here while the reports of
+        running pipelines waited behind them, so workers sat idle and nothing finished until the burst was over.
+        Short start batches keep finishing work at the engine's pace whatever the queue of new pipelines."""
+        ops = self._ops[: self.settings.max_batch]
+        del self._ops[: len(ops)]
+        room = min(self.settings.max_batch - len(ops), self.settings.max_starts_per_batch)
+        if room > 0 and self._starts:
+            starts = self._starts[:room]
+            del self._starts[: len(starts)]
+            ops += starts
+        return ops
 
     def _seconds_until_due(self) -> float:
         now = self.clock()
@@ -868,6 +886,7 @@ class Engine:
                     queue.put_nowait((changes, final))
         if (
             self._ops
+            or self._starts
             or self._releases
             or any(
                 p.fresh or not p.codes.isdisjoint(self._maybe_codes)

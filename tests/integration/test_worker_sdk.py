@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import time
@@ -103,6 +104,31 @@ def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
     assert events == ["started", "finished"]
     state = client.wait(pipeline_id, timeout=10)
     assert state["state"] == "FINISHED"
+
+
+@component("frozen_count")
+def frozen_count() -> dict[str, int]:
+    return {"frozen": gc.get_freeze_count()}
+
+
+def test_a_worker_process_freezes_its_start_up_objects_out_of_the_collector(
+    client: EngineClient, start_worker: Any
+) -> None:
+    # A worker process of its own (tests/support/workers.py calls run() on its main thread).
+    start_worker("gc_state")
+    state = client.wait(client.start(chain_tree(["gc_state"])), timeout=30)
+    assert state["state"] == "FINISHED"
+    assert client.get_node_data(state["id"], "a0")["outputs"]["frozen"] > 1000
+
+
+def test_a_worker_started_inside_another_program_leaves_the_collector_alone(
+    client: EngineClient, server: ServerProcess
+) -> None:
+    frozen_before = gc.get_freeze_count()
+    with Worker(server.address, [frozen_count], poll_wait_ms=1000):
+        state = client.wait(client.start(chain_tree(["frozen_count"])), timeout=30)
+    assert state["state"] == "FINISHED"
+    assert client.get_node_data(state["id"], "a0")["outputs"]["frozen"] == frozen_before == gc.get_freeze_count()
 
 
 def test_workers_reconnect_when_the_server_comes_back(

@@ -7,6 +7,7 @@ executions and attempts across processes and kills.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -205,10 +206,17 @@ class CallbackWaiter(Component):
         return AwaitCallback(outputs={"received": received})
 
 
+@component("gc_state")
+def gc_state() -> dict[str, Any]:
+    """How many objects the worker's process has frozen out of the garbage collector's scans."""
+    return {"frozen": gc.get_freeze_count()}
+
+
 COMPONENTS: dict[str, Any] = {
     c.code: c
     for c in (
         echo,
+        gc_state,
         emit,
         count,
         notify_end,

@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,7 +106,7 @@ def _positive_float(text: str) -> float:
 
 
 def run_scenarios(
-    engine: RunningEngine, names: Sequence[str], args: argparse.Namespace
+    engine: RunningEngine, names: Sequence[str], args: argparse.Namespace, before_each_run: Callable[[], None]
 ) -> tuple[dict[str, Any], Profile | None]:
     measured = ScenarioContext(
         engine.address,
@@ -127,16 +127,19 @@ def run_scenarios(
     for name in names:
         SCENARIOS[name].run(warm_up)
     with profiling(engine.server_pid, args.profile, progress) if args.profile else nullcontext() as profile:
-        reports = _measure(measured, names, args)
+        reports = _measure(measured, names, args, before_each_run)
     return reports, profile
 
 
-def _measure(measured: ScenarioContext, names: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
+def _measure(
+    measured: ScenarioContext, names: Sequence[str], args: argparse.Namespace, before_each_run: Callable[[], None]
+) -> dict[str, Any]:
     reports = {}
     for name in names:
         scenario = SCENARIOS[name]
         runs: list[RunResult] = []
         for number in range(1, args.repeat + 1):
+            before_each_run()
             cpu_before = cpu_seconds(measured.server_pid) if measured.server_pid else None
             workers_cpu_before = sum(cpu_seconds(pid) for pid in measured.worker_pids)
             result = scenario.run(measured)
@@ -171,8 +174,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             log_dir=Path(temp),
         )
         progress(f"starting the engine on {database.kind} with {args.workers} worker(s)")
+        if database.vacuums_between_runs:
+            progress("autovacuum is off on this PostgreSQL server: VACUUM (ANALYZE) before each measured run")
         with running_engine(setup) as engine:
-            scenarios, profile = run_scenarios(engine, names, args)
+            scenarios, profile = run_scenarios(engine, names, args, database.vacuum_if_needed)
     document = {
         # Peers (a Celery runner, bamboo-engine) will report the same scenarios under their own name.
         "system": "pipeline-engine",
@@ -199,6 +204,9 @@ def _database_info(database: Database, sqlite_synchronous: str) -> dict[str, Any
     info: dict[str, Any] = {"kind": database.kind, "server_version": database.server_version}
     if database.kind == "sqlite":
         info["sqlite_synchronous"] = sqlite_synchronous
+    else:
+        info["autovacuum"] = database.autovacuum
+        info["vacuumed_before_each_run"] = database.vacuums_between_runs
     return info
 
 

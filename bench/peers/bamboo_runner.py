@@ -82,6 +82,19 @@ class Database:
     url: str
     kind: str  # "sqlite" or "postgresql"
     server_version: str
+    autovacuum: bool | None = None
+
+    @property
+    def vacuums_between_runs(self) -> bool:
+        return self.kind == "postgresql" and not self.autovacuum
+
+    def vacuum_if_needed(self) -> None:
+        """As bench/database.py does for the engine: with autovacuum off, dead rows of earlier runs are cleared."""
+        if self.vacuums_between_runs:
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as connection:
+                connection.execute("VACUUM (ANALYZE)")
 
 
 @contextmanager
@@ -98,9 +111,10 @@ def fresh_database(db: str, temp_dir: Path) -> Iterator[Database]:
     name = f"bamboo_bench_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(db, autocommit=True) as admin:
         version = str(admin.execute("SHOW server_version").fetchone()[0])
+        autovacuum = admin.execute("SHOW autovacuum").fetchone()[0] == "on"
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield Database(urlunsplit(parts._replace(path=f"/{name}")), "postgresql", version)
+        yield Database(urlunsplit(parts._replace(path=f"/{name}")), "postgresql", version, autovacuum)
     finally:
         with psycopg.connect(db, autocommit=True) as admin:
             # FORCE: a worker that was killed may leave sessions behind.
@@ -473,12 +487,17 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 run_pipelines([bamboo_17_tree()], workers, tasks_per_pipeline=BAMBOO_17_ACTIVITIES_RUN)
                 run_pipelines([fanout_tree(5, 2)], workers, tasks_per_pipeline=10)
                 scenarios = _scenarios(workers)
-                reports = {name: measure(scenarios[name], args.repeat) for name in names}
+                if database.vacuums_between_runs:
+                    progress("autovacuum is off on this PostgreSQL server: VACUUM (ANALYZE) before each measured run")
+                reports = {name: measure(scenarios[name], args.repeat, database.vacuum_if_needed) for name in names}
     finally:
         _flush_broker()
     database_info: dict[str, Any] = {"kind": database.kind, "server_version": database.server_version}
     if database.kind == "sqlite":
         database_info["sqlite_journal_mode"] = args.sqlite_journal_mode
+    else:
+        database_info["autovacuum"] = database.autovacuum
+        database_info["vacuumed_before_each_run"] = database.vacuums_between_runs
     return {
         "system": "bamboo-engine",
         "started_at": began,

@@ -38,10 +38,11 @@ class PeerScenario:
     run: Callable[[], RunResult]
 
 
-def measure(scenario: PeerScenario, repeat: int) -> dict[str, Any]:
+def measure(scenario: PeerScenario, repeat: int, before_each_run: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Runs `scenario` `repeat` times and summarises it as `python -m bench` does."""
     runs: list[RunResult] = []
     for number in range(1, repeat + 1):
+        before_each_run()
         result = scenario.run()
         runs.append(result)
         headline = latency_summary(result.latencies_ms[scenario.headline_latency])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from bench.database import fresh_database
 from tests.support.processes import ROOT
 
 SCALE = 0.02  # 20-node chain, 2 bamboo pipelines, 2 fan-out branches, 200 idle pipelines: seconds, not minutes
@@ -223,3 +226,51 @@ def test_the_floors_of_a_chain_hop_are_measured_and_reported() -> None:
     assert 0 < floors["engine_hop_sqlite_us"]["p50"] <= floors["engine_hop_sqlite_us"]["p99"]
     assert "chain_hop_floor_sqlite_us" in completed.stderr  # the table
     assert "engine_hop_sqlite_us" in completed.stderr
+
+
+@pytest.mark.timeout(120)
+def test_on_postgresql_without_autovacuum_each_run_starts_vacuumed(postgres_admin_url: str) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            *("--scenario", "chain-1000", "--repeat", "2", "--scale", str(SCALE)),
+            *("--db", postgres_admin_url),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert completed.returncode == 0, completed.stderr
+    database = json.loads(completed.stdout)["database"]
+    admin = create_engine(postgres_admin_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with admin.connect() as conn:
+            autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one() == "on"
+    finally:
+        admin.dispose()
+    assert database["kind"] == "postgresql"
+    assert database["autovacuum"] is autovacuum
+    assert database["vacuumed_before_each_run"] is (not autovacuum)
+    assert ("VACUUM (ANALYZE) before each measured run" in completed.stderr) is (not autovacuum)
+
+
+def test_vacuum_if_needed_clears_the_dead_rows_of_earlier_runs(postgres_admin_url: str, tmp_path: Path) -> None:
+    with fresh_database(postgres_admin_url, tmp_path) as database:
+        forced = dataclasses.replace(database, autovacuum=False)  # as on a server with autovacuum off
+        engine = create_engine(forced.url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("CREATE TABLE churn (id int PRIMARY KEY, state int)"))
+                conn.execute(text("INSERT INTO churn SELECT n, 0 FROM generate_series(1, 1000) AS n"))
+                conn.execute(text("UPDATE churn SET state = 1"))  # 1,000 dead row versions
+            forced.vacuum_if_needed()
+            with engine.connect() as conn:
+                last_vacuum = conn.execute(
+                    text("SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'churn'")
+                ).scalar_one()
+        finally:
+            engine.dispose()
+    assert last_vacuum is not None

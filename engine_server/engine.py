@@ -330,6 +330,9 @@ class Engine:
         clock: Callable[[], int] = now_ms,
         metrics: EngineMetrics | None = None,
     ) -> None:
+        if settings.max_batch < 2 or settings.max_starts_per_batch < 1:
+            # Below that, a batch has no room for one kind of operation and the loop would never drain it.
+            raise ValueError("max_batch must be at least 2 and max_starts_per_batch at least 1")
         self.store = store
         self.settings = settings
         self.notifier: Notifier = notifier or LocalNotifier()
@@ -342,7 +345,7 @@ class Engine:
         self._writer_conn: Connection | None = None
         # Touched only by the event loop. Events of existing pipelines (reports, heartbeats, operations) queue apart
         # from new pipelines' starts, so that a batch takes them first (see _take_batch).
-        self._ops: list[_Op] = []
+        self._events: list[_Op] = []
         self._starts: list[_Op] = []
         self._polls: dict[int, _Poll] = {}
         self._releases: list[ClaimedTask] = []
@@ -394,7 +397,7 @@ class Engine:
             return self.store.earliest_pending_task(conn), self.store.next_timer_at(conn)
 
     async def stop(self) -> None:
-        """Finishes the batch in flight; answers what is still queued with UNAVAILABLE."""
+        """Takes no new operations (UNAVAILABLE), applies those already queued, then closes the database."""
         self._stopping = True
         self._kick.set()
         for feed in list(self._feeds):
@@ -405,10 +408,10 @@ class Engine:
             self._checkpoint_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._checkpoint_task
-        for op in self._ops + self._starts:
+        for op in self._events + self._starts:
             if not op.future.done():
                 op.future.set_exception(Unavailable("the engine server is shutting down; retry on another"))
-        self._ops.clear()
+        self._events.clear()
         self._starts.clear()
         for poll in self._polls.values():
             if not poll.future.done():
@@ -668,7 +671,7 @@ class Engine:
         if self._stopping:
             raise Unavailable("the engine server is shutting down; retry on another")
         op.future = asyncio.get_running_loop().create_future()
-        (self._starts if isinstance(op, _Start) else self._ops).append(op)
+        (self._starts if isinstance(op, _Start) else self._events).append(op)
         self._kick.set()
         return op.future
 
@@ -769,7 +772,7 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._kick.wait(), self._seconds_until_due())
             self._kick.clear()
-            if self._stopping and not self._ops and not self._starts and not self._releases:
+            if self._stopping and not self._events and not self._starts and not self._releases:
                 return
             now = self.clock()
             ops = self._take_batch()
@@ -812,20 +815,22 @@ class Engine:
             self._deliver(ops, polls, requests, result, notified)
 
     def _take_batch(self) -> list[_Op]:
-        """The next batch's operations: every queued event of existing pipelines first (up to max_batch), then
-        starts up to max_starts_per_batch.
+        """The next batch's operations: queued events of existing pipelines first, then starts of new ones, at
+        most max_starts_per_batch of them.
 
         Under a burst of starts, FIFO batches of max_batch starts each took 0.4-1.4 s here while the reports of
         running pipelines waited behind them, so workers sat idle and nothing finished until the burst was over.
-        Short start batches keep finishing work at the engine's pace whatever the queue of new pipelines."""
-        ops = self._ops[: self.settings.max_batch]
-        del self._ops[: len(ops)]
-        room = min(self.settings.max_batch - len(ops), self.settings.max_starts_per_batch)
-        if room > 0 and self._starts:
-            starts = self._starts[:room]
-            del self._starts[: len(starts)]
-            ops += starts
-        return ops
+        Short start batches keep running pipelines moving whatever the queue of new ones. Starts keep up to half
+        of a batch even when events fill the queue, so neither kind can hold the other back for good. (A control
+        operation sent together with the start of its pipeline, without waiting for the start's answer, may so
+        be applied first and find no pipeline: concurrent calls were never ordered.)"""
+        limit = self.settings.max_batch
+        start_share = min(self.settings.max_starts_per_batch, limit if not self._events else limit // 2)
+        starts = self._starts[:start_share]
+        del self._starts[: len(starts)]
+        events = self._events[: limit - len(starts)]
+        del self._events[: len(events)]
+        return events + starts
 
     def _seconds_until_due(self) -> float:
         now = self.clock()
@@ -885,7 +890,7 @@ class Engine:
                 if wants_nodes or own_state_changed:
                     queue.put_nowait((changes, final))
         if (
-            self._ops
+            self._events
             or self._starts
             or self._releases
             or any(

@@ -25,8 +25,9 @@ def dumps(value: Any) -> str:
 class SpecCache:
     """Parsed trees by content: many pipelines of one tree share one immutable PipelineSpec.
 
-    Small on purpose. A running pipeline holds its own spec anyway; this cache only serves trees started again
-    (templates, retried starts), which stay near the LRU end. Most trees are new (bamboo users build each
+    Small on purpose. A pipeline in the engine's cache holds its own spec; this cache serves trees started
+    again (templates, retried starts: kept while they come back within the last 256 trees) and pipelines
+    reloaded from the database (those re-parse more often now). Most trees are new (bamboo users build each
     with fresh ids), and every spec kept past its pipeline's end is a graph of live objects the garbage
     collector walks: under `sustained` (20 s phases, two interleaved pairs of runs), 2,000 entries made the
     server's collections pause up to 46-52 ms (173-201 ms in all), 200 entries up to 12-16 ms (38-47 ms).

@@ -101,13 +101,13 @@ class Worker:
         transport: ``"stream"`` (default) receives tasks and sends results on one `TaskStream`
             call, the fast way; ``"poll"`` uses the long-poll and unary calls only. A server without
             TaskStream makes a streaming worker fall back to polling.
-        freeze_gc: when `run()` is called on the main thread (the worker is its process's own job),
-            collect garbage once, then leave every object that exists at that moment (modules,
-            components, their caches) out of the garbage collector's later scans (`gc.freeze()`). Each
-            full collection otherwise walks all of them while every task's result waits: 11-32 ms a
-            time in the benchmark's workers, under 10 ms with this. Objects are still freed as usual;
-            only reference cycles among the frozen objects stay. A worker started with `start()` or
-            ``with Worker(...)`` inside another program never touches the collector; nor does False.
+        freeze_gc: while `run()` runs on the main thread, leave every object that exists when it
+            begins (modules, components, their caches) out of the garbage collector's scans: it
+            collects once, then calls `gc.freeze()`, and `gc.unfreeze()` when it returns. Each full
+            collection otherwise walks all of them while every task's result waits: 11-32 ms a time
+            in the benchmark's workers, under 10 ms with this. Objects are still freed as usual. A
+            worker started with `start()` or ``with Worker(...)`` never touches the collector; nor
+            does False.
     """
 
     def __init__(
@@ -180,9 +180,6 @@ class Worker:
             if self._ran:
                 raise RuntimeError("a Worker can run only once; create a new one")
             self._ran = True
-        if self._freeze_gc and threading.current_thread() is threading.main_thread():
-            gc.collect()
-            gc.freeze()
         restore_signals = self._install_signal_handlers()
         channel = open_channel(
             self.target,
@@ -218,6 +215,10 @@ class Worker:
             report_loop=stream_loop,
         )
         stream_channel: grpc.aio.Channel | None = None
+        froze_gc = self._freeze_gc and threading.current_thread() is threading.main_thread()
+        if froze_gc:
+            gc.collect()
+            gc.freeze()
         try:
             heartbeats.start()
             for loop_thread in (event_loop, stream_loop):
@@ -250,6 +251,8 @@ class Worker:
                 executor.drop_handed()  # handed over as the loop stopped: nothing will report them now
             channel.close()
             restore_signals()
+            if froze_gc:
+                gc.unfreeze()  # the program goes on after run(): its collector is as it was
             self._finished.set()
             logger.info("worker %s stopped", self.worker_id)
 

@@ -179,11 +179,9 @@ def _load_process(
     results: multiprocessing.Queue[Any],
 ) -> None:
     """Entry point of a load process: says it is ready, waits for the start time, runs, reports."""
-    # The collector's pauses here would count as the engine's latency: a full collection of this process
-    # took 31-72 ms during the open loop (thousands of Started records to walk). It lives one phase, so its
-    # start-up objects are frozen and the collector stays off; its garbage is a few MB at most.
-    gc.collect()
-    gc.freeze()
+    # The collector's pauses here would count as the engine's latency: full collections of this process took
+    # 31-72 ms during the open loop. It lives for one phase, so the collector stays off; the reference cycles it
+    # leaves behind meanwhile (gRPC's, a few per call) come to a few MB at most.
     gc.disable()
     ready.put(None)
     begin_at = go.get()

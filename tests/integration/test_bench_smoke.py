@@ -255,6 +255,8 @@ def test_on_postgresql_without_autovacuum_each_run_starts_vacuumed(postgres_admi
     assert database["autovacuum"] is autovacuum
     assert database["vacuumed_before_each_run"] is (not autovacuum)
     assert ("VACUUM (ANALYZE) before each measured run" in completed.stderr) is (not autovacuum)
+    # Once before each of the two measured runs (not before the warm-up).
+    assert completed.stderr.count("vacuumed the database in ") == (0 if autovacuum else 2)
 
 
 def test_vacuum_if_needed_clears_the_dead_rows_of_earlier_runs(postgres_admin_url: str, tmp_path: Path) -> None:
@@ -268,9 +270,11 @@ def test_vacuum_if_needed_clears_the_dead_rows_of_earlier_runs(postgres_admin_ur
                 conn.execute(text("UPDATE churn SET state = 1"))  # 1,000 dead row versions
             forced.vacuum_if_needed()
             with engine.connect() as conn:
-                last_vacuum = conn.execute(
-                    text("SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'churn'")
-                ).scalar_one()
+                statistics = (
+                    "SELECT n_dead_tup, last_vacuum, last_analyze FROM pg_stat_user_tables WHERE relname = 'churn'"
+                )
+                dead_rows, last_vacuum, last_analyze = conn.execute(text(statistics)).one()
         finally:
             engine.dispose()
-    assert last_vacuum is not None
+    assert dead_rows == 0
+    assert last_vacuum is not None and last_analyze is not None

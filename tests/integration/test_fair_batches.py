@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,43 @@ def test_a_report_is_applied_before_a_burst_of_starts_queued_ahead_of_it(tmp_pat
     assert len(set(burst_ids)) == BURST
 
 
-@pytest.mark.parametrize("flag", ["--max-starts-per-batch", "--max-batch"])
-def test_batch_limits_below_one_are_refused(flag: str) -> None:
+def test_a_start_is_not_held_back_by_a_queue_of_events_longer_than_a_batch(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'engine.db'}"
+    store = Store(url)
+    store.prepare_schema()
+    engine = Engine(store, Settings(database_url=url, max_batch=4, max_starts_per_batch=2))
+
+    async def scenario() -> tuple[int, int]:
+        await engine.start()
+        try:
+            tree = _one_activity_tree()
+            spec = parse_tree(load_tree_json(tree))
+            await engine.enqueue_start(tree_json=tree, spec=spec, presets={})
+            [task] = await engine.poll_tasks("worker-1", ["work"], 1, 5_000)
+            # Forty events queued ahead of the start: ten batches' worth.
+            heartbeats = [engine.enqueue_heartbeat(task.token) for _ in range(40)]
+            await engine.enqueue_start(tree_json=tree, spec=spec, presets={})
+            heartbeats_applied_before_the_start = sum(1 for beat in heartbeats if beat.done())
+            await asyncio.gather(*heartbeats)
+            return heartbeats_applied_before_the_start, len(heartbeats)
+        finally:
+            await engine.stop()
+
+    applied_first, total = asyncio.run(scenario())
+    # The start took its share of the first batch (or the second, if that ended before this coroutine resumed).
+    assert applied_first <= 2 * 3
+    assert total == 40
+
+
+@pytest.mark.parametrize(("flag", "least"), [("--max-starts-per-batch", 1), ("--max-batch", 2)])
+def test_batch_limits_too_small_to_drain_the_queues_are_refused(flag: str, least: int, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        parse_args([flag, "0"], environ={})
-    assert parse_args([flag, "5"], environ={}) is not None
+        parse_args([flag, str(least - 1)], environ={})
+    with pytest.raises(SystemExit):
+        parse_args([], environ={"ENGINE_" + flag[2:].replace("-", "_").upper(): str(least - 1)})
+    settings = parse_args([flag, str(least)], environ={})
+    field = flag[2:].replace("-", "_")
+    assert getattr(settings, field) == least
+    # Settings built in code are refused by the engine itself.
+    with pytest.raises(ValueError, match="at least"):
+        Engine(Store(f"sqlite:///{tmp_path / 'engine.db'}"), replace(settings, **{field: least - 1}))

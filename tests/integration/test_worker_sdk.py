@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.processes import ServerProcess
+from tests.support.workers import gc_state
 from tests.trees import chain_tree
 from worker_sdk import Component, EngineClient, PollAgain, RetryableError, TaskContext, Worker, component
 
@@ -106,11 +108,6 @@ def test_sigterm_lets_the_running_task_finish_then_the_worker_exits(
     assert state["state"] == "FINISHED"
 
 
-@component("frozen_count")
-def frozen_count() -> dict[str, int]:
-    return {"frozen": gc.get_freeze_count()}
-
-
 def test_a_worker_process_freezes_its_start_up_objects_out_of_the_collector(
     client: EngineClient, start_worker: Any
 ) -> None:
@@ -121,14 +118,34 @@ def test_a_worker_process_freezes_its_start_up_objects_out_of_the_collector(
     assert client.get_node_data(state["id"], "a0")["outputs"]["frozen"] > 1000
 
 
+@pytest.mark.parametrize("freeze_gc", [True, False])
+def test_run_on_the_main_thread_freezes_only_while_it_runs_and_only_if_asked(
+    client: EngineClient, server: ServerProcess, freeze_gc: bool
+) -> None:
+    assert gc.get_freeze_count() == 0
+    worker = Worker(server.address, [gc_state], poll_wait_ms=1000, freeze_gc=freeze_gc)
+    pipeline_id = client.start(chain_tree(["gc_state"]))
+
+    def stop_once_finished() -> None:
+        client.wait(pipeline_id, timeout=30)
+        worker.stop()
+
+    waiter = threading.Thread(target=stop_once_finished)
+    waiter.start()
+    worker.run()  # pytest runs tests on the main thread
+    waiter.join()
+    frozen_while_running = client.get_node_data(pipeline_id, "a0")["outputs"]["frozen"]
+    assert (frozen_while_running > 1000) is freeze_gc
+    assert gc.get_freeze_count() == 0  # as it was before run()
+
+
 def test_a_worker_started_inside_another_program_leaves_the_collector_alone(
     client: EngineClient, server: ServerProcess
 ) -> None:
-    frozen_before = gc.get_freeze_count()
-    with Worker(server.address, [frozen_count], poll_wait_ms=1000):
-        state = client.wait(client.start(chain_tree(["frozen_count"])), timeout=30)
+    with Worker(server.address, [gc_state], poll_wait_ms=1000):
+        state = client.wait(client.start(chain_tree(["gc_state"])), timeout=30)
     assert state["state"] == "FINISHED"
-    assert client.get_node_data(state["id"], "a0")["outputs"]["frozen"] == frozen_before == gc.get_freeze_count()
+    assert client.get_node_data(state["id"], "a0")["outputs"]["frozen"] == 0 == gc.get_freeze_count()
 
 
 def test_workers_reconnect_when_the_server_comes_back(

@@ -68,7 +68,7 @@ from engine_server.records import (
     runtime_json,
     snapshot_from_rows,
 )
-from engine_server.settings import Settings
+from engine_server.settings import BATCH_MINIMUMS, Settings
 from storage.notifier import LocalNotifier, Notifier
 from storage.schema import CANCELLED, COMPLETED, DONE, EXECUTE, FAILED, QUEUED, SCHEDULE
 from storage.store import Store, WriteSet
@@ -330,9 +330,10 @@ class Engine:
         clock: Callable[[], int] = now_ms,
         metrics: EngineMetrics | None = None,
     ) -> None:
-        if settings.max_batch < 2 or settings.max_starts_per_batch < 1:
-            # Below that, a batch has no room for one kind of operation and the loop would never drain it.
-            raise ValueError("max_batch must be at least 2 and max_starts_per_batch at least 1")
+        for name, least in BATCH_MINIMUMS.items():
+            if getattr(settings, name) < least:
+                # Below that, a batch has no room for one kind of operation and the loop would never drain it.
+                raise ValueError(f"{name} must be at least {least}")
         self.store = store
         self.settings = settings
         self.notifier: Notifier = notifier or LocalNotifier()

@@ -83,7 +83,7 @@ _CHOICES = {
 
 
 # Below these, a batch would have no room for one kind of operation (the engine refuses them too).
-_AT_LEAST = {"max_batch": 2, "max_starts_per_batch": 1}
+BATCH_MINIMUMS = {"max_batch": 2, "max_starts_per_batch": 1}
 
 
 def env_name(field_name: str) -> str:
@@ -136,7 +136,7 @@ def parse_args(argv: Sequence[str] | None = None, environ: Mapping[str, str] | N
         )
     namespace = parser.parse_args(argv)
     settings = replace(base, **vars(namespace))
-    for name, least in _AT_LEAST.items():
+    for name, least in BATCH_MINIMUMS.items():
         if getattr(settings, name) < least:
             parser.error(f"--{name.replace('_', '-')} (or {env_name(name)}) must be at least {least}")
     for name, choices in _CHOICES.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from bench.database import fresh_database
 from tests.support.processes import ROOT
@@ -21,36 +21,30 @@ IDLE_SECONDS = 1.0
 SCENARIOS = ["bamboo-17", "fanout-1000", "chain-1000", "chains-100x17", "sustained", "idle-10k", "independent-2000"]
 
 
+def run_benchmark(*args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench ARGS` from the project's root; fails the test if it does not exit 0."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=100
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed
+
+
+def psycopg_engine(url: str) -> Engine:
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
     tmp_path = tmp_path_factory.mktemp("bench")
     json_path = tmp_path / "result.json"
     scenario_args = [arg for name in SCENARIOS for arg in ("--scenario", name)]
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            *scenario_args,
-            "--repeat",
-            "1",
-            "--scale",
-            str(SCALE),
-            "--sustained-seconds",
-            str(SUSTAINED_SECONDS),
-            "--idle-seconds",
-            str(IDLE_SECONDS),
-            "--db",
-            f"sqlite:///{tmp_path / 'bench.db'}",
-            "--json",
-            str(json_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
+    completed = run_benchmark(
+        *scenario_args,
+        *("--repeat", "1", "--scale", str(SCALE)),
+        *("--sustained-seconds", str(SUSTAINED_SECONDS), "--idle-seconds", str(IDLE_SECONDS)),
+        *("--db", f"sqlite:///{tmp_path / 'bench.db'}", "--json", str(json_path)),
     )
-    assert completed.returncode == 0, completed.stderr
     return json.loads(completed.stdout), completed.stderr, json_path
 
 
@@ -176,17 +170,10 @@ def test_idle_reports_the_engine_memory_and_cpu_and_the_time_to_call_every_pipel
 @pytest.mark.timeout(120)
 def test_profile_samples_the_engine_server_and_summarises_where_its_time_goes(tmp_path: Path) -> None:
     profiles = tmp_path / "profiles"
-    completed = subprocess.run(
-        [
-            *(sys.executable, "-m", "bench", "--scenario", "sustained", "--repeat", "1", "--scale", str(SCALE)),
-            *("--sustained-seconds", "1", "--db", f"sqlite:///{tmp_path / 'bench.db'}", "--profile", str(profiles)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
+    completed = run_benchmark(
+        *("--scenario", "sustained", "--repeat", "1", "--scale", str(SCALE)),
+        *("--sustained-seconds", "1", "--db", f"sqlite:///{tmp_path / 'bench.db'}", "--profile", str(profiles)),
     )
-    assert completed.returncode == 0, completed.stderr
 
     profile = json.loads(completed.stdout)["profile"]
     flame_graph, speedscope = Path(profile["flame_graph"]), Path(profile["speedscope"])
@@ -230,22 +217,11 @@ def test_the_floors_of_a_chain_hop_are_measured_and_reported() -> None:
 
 @pytest.mark.timeout(120)
 def test_on_postgresql_without_autovacuum_each_run_starts_vacuumed(postgres_admin_url: str) -> None:
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            *("--scenario", "chain-1000", "--repeat", "2", "--scale", str(SCALE)),
-            *("--db", postgres_admin_url),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
+    completed = run_benchmark(
+        *("--scenario", "chain-1000", "--repeat", "2", "--scale", str(SCALE)), *("--db", postgres_admin_url)
     )
-    assert completed.returncode == 0, completed.stderr
     database = json.loads(completed.stdout)["database"]
-    admin = create_engine(postgres_admin_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    admin = psycopg_engine(postgres_admin_url)
     try:
         with admin.connect() as conn:
             autovacuum = conn.execute(text("SHOW autovacuum")).scalar_one() == "on"
@@ -262,7 +238,7 @@ def test_on_postgresql_without_autovacuum_each_run_starts_vacuumed(postgres_admi
 def test_vacuum_if_needed_clears_the_dead_rows_of_earlier_runs(postgres_admin_url: str, tmp_path: Path) -> None:
     with fresh_database(postgres_admin_url, tmp_path) as database:
         forced = dataclasses.replace(database, autovacuum=False)  # as on a server with autovacuum off
-        engine = create_engine(forced.url.replace("postgresql://", "postgresql+psycopg://", 1))
+        engine = psycopg_engine(forced.url)
         try:
             with engine.begin() as conn:
                 conn.execute(text("CREATE TABLE churn (id int PRIMARY KEY, state int)"))

@@ -1104,7 +1104,6 @@ class _Batch:
             {
                 "id": op.pipeline_id,
                 "name": op.name or op.spec.id,
-                "tree_json": op.tree_json,
                 "cycle_tolerate": op.cycle_tolerate,
                 "state": PipelineState.RUNNING.value,
                 "row_version": 0,  # the pipeline update below makes it 1
@@ -1115,6 +1114,7 @@ class _Batch:
                 "finished_at": 0,
             }
         )
+        self.writes.new_trees.append({"pipeline_id": op.pipeline_id, "tree_json": op.tree_json})
         self.working[op.pipeline_id] = _Cached(snapshot, 0, "{}")
         taken_ids.add(op.pipeline_id)
         if op.idempotency_key:

@@ -29,6 +29,7 @@ from storage.schema import (
     QUEUED,
     node_histories,
     node_states,
+    pipeline_trees,
     pipelines,
     tasks,
     timers,
@@ -40,6 +41,8 @@ class WriteSet:
     """Everything one batch changes; written with one statement per list."""
 
     new_pipelines: list[dict[str, Any]] = field(default_factory=list)
+    # {"pipeline_id", "tree_json"}: the trees of new_pipelines.
+    new_trees: list[dict[str, Any]] = field(default_factory=list)
     pipeline_updates: list[dict[str, Any]] = field(default_factory=list)
     node_upserts: list[dict[str, Any]] = field(default_factory=list)
     history_inserts: list[dict[str, Any]] = field(default_factory=list)
@@ -154,7 +157,11 @@ class Store:
         ids: BindParameter[Any] = bindparam("ids", expanding=True)
         versions = select(pipelines.c.id, pipelines.c.row_version).where(pipelines.c.id.in_(ids))
         self._pipeline_versions = versions.order_by(pipelines.c.id).with_for_update() if lock else versions
-        self._load_pipeline = select(pipelines).where(pipelines.c.id == bindparam("id"))
+        self._load_pipeline = (
+            select(pipelines, pipeline_trees.c.tree_json)
+            .join(pipeline_trees, pipeline_trees.c.pipeline_id == pipelines.c.id)
+            .where(pipelines.c.id == bindparam("id"))
+        )
         self._load_nodes = select(node_states).where(node_states.c.pipeline_id == bindparam("id"))
         self._existing_ids = select(pipelines.c.id).where(pipelines.c.id.in_(ids))
         self._by_key = select(pipelines.c.idempotency_key, pipelines.c.id).where(
@@ -258,6 +265,7 @@ class Store:
         )
         self._insert_timers = timers.insert()
         self._insert_pipelines = pipelines.insert()
+        self._insert_trees = pipeline_trees.insert()
         self._insert_histories = node_histories.insert()
         self._insert_tasks = tasks.insert()
 
@@ -383,7 +391,7 @@ class Store:
                 )
             )
             if ids:
-                for table in (node_states, node_histories, tasks, timers):
+                for table in (node_states, node_histories, tasks, timers, pipeline_trees):
                     conn.execute(table.delete().where(table.c.pipeline_id.in_(ids)))
                 conn.execute(pipelines.delete().where(pipelines.c.id.in_(ids)))
         return len(ids)
@@ -430,6 +438,7 @@ class Store:
     def write(self, conn: Connection, changes: WriteSet) -> None:
         for statement, rows in (
             (self._insert_pipelines, changes.new_pipelines),
+            (self._insert_trees, changes.new_trees),
             (self._update_pipeline, changes.pipeline_updates),
             (self._node_upsert, changes.node_upserts),
             (self._insert_histories, changes.history_inserts),

@@ -135,6 +135,11 @@ def test_purge_deletes_only_pipelines_that_ended_long_enough_ago(database_url: s
             client.revoke_pipeline(running)
     finally:
         server.stop()
+    engine = create_database_engines(database_url)[0]
+    with engine.connect() as connection:  # nothing of the purged pipeline is left behind, its tree included
+        trees = connection.execute(text("SELECT pipeline_id FROM pipeline_trees")).scalars().all()
+    engine.dispose()
+    assert sorted(trees) == [running]
     result = run_cli("purge", "--older-than", "0s", "--database-url", database_url)
     assert result.returncode == 0, result.stderr
     assert "purged 1 pipelines" in result.stdout

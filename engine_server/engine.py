@@ -1073,7 +1073,11 @@ class _Batch:
             cached = self.engine._cache_get(pipeline_id)
             if cached is None or cached.row_version != row_version:
                 row = self.store.load_pipeline(conn, pipeline_id)
-                assert row is not None
+                if row is None:
+                    # Its tree row is gone (the database was changed behind the engine's back). Its operations
+                    # fail alone, as for a pipeline that does not exist; the rest of the batch goes on.
+                    log.error("pipeline %s has no stored tree; it cannot move", pipeline_id)
+                    continue
                 spec = self.engine.specs.get(row.tree_json, cycle_tolerate=row.cycle_tolerate)
                 nodes = self.store.load_nodes(conn, pipeline_id)
                 snapshot = snapshot_from_rows(row, nodes, spec, rerun_limit=self.settings.rerun_limit)

@@ -265,7 +265,12 @@ class Store:
         )
         self._insert_timers = timers.insert()
         self._insert_pipelines = pipelines.insert()
-        self._insert_trees = pipeline_trees.insert()
+        # An upsert: a tree left behind by a pipeline deleted without it (an older version's purge) must not make
+        # the start of a new pipeline with the same client-chosen id fail.
+        self._insert_trees = text(
+            "INSERT INTO pipeline_trees (pipeline_id, tree_json) VALUES (:pipeline_id, :tree_json) "
+            "ON CONFLICT (pipeline_id) DO UPDATE SET tree_json = excluded.tree_json"
+        )
         self._insert_histories = node_histories.insert()
         self._insert_tasks = tasks.insert()
 

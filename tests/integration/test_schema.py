@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -145,3 +146,95 @@ def test_purge_deletes_only_pipelines_that_ended_long_enough_ago(database_url: s
     assert "purged 1 pipelines" in result.stdout
     bad = run_cli("purge", "--older-than", "soon", "--database-url", database_url)
     assert bad.returncode != 0 and "whole number and s, m, h or d" in bad.stderr
+
+
+def _complete_next_task(address: str, code: str) -> tuple[str, Any]:
+    """Polls one task of `code` and completes it; returns its pipeline id and the CompleteTask error (or None)."""
+    import grpc
+
+    from engine_api.engine.v1 import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        worker = worker_pb2_grpc.WorkerServiceStub(channel)
+        [task] = worker.PollTasks(
+            worker_pb2.PollTasksRequest(worker_id="w", component_codes=[code], wait_ms=5000)
+        ).tasks
+        try:
+            worker.CompleteTask(worker_pb2.CompleteTaskRequest(token=task.token))
+        except grpc.RpcError as error:
+            return task.pipeline_id, error
+        return task.pipeline_id, None
+
+
+def _execute(database_url: str, *statements: str, **parameters: str) -> None:
+    engine = create_database_engines(database_url)[0]
+    try:
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.execute(text(statement), parameters)
+    finally:
+        engine.dispose()
+
+
+def test_a_pipeline_whose_tree_is_gone_fails_alone(database_url: str, tmp_path: Path) -> None:
+    import grpc
+
+    from tests.trees import chain_tree
+    from worker_sdk import EngineClient, NotFound
+
+    server = ServerProcess(database_url, log_dir=tmp_path)
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            broken, healthy = (client.start(chain_tree(["later"])) for _ in range(2))
+    finally:
+        server.stop()
+    # Changed behind the engine's back (by hand, or a tool that knows an older schema).
+    _execute(database_url, "DELETE FROM pipeline_trees WHERE pipeline_id = :id", id=broken)
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            with pytest.raises(NotFound):
+                client.get_state(broken)
+            errors = dict(_complete_next_task(server.address, "later") for _ in range(2))
+            assert errors[healthy] is None
+            assert errors[broken].code() == grpc.StatusCode.NOT_FOUND
+            assert client.wait(healthy, timeout=10)["state"] == "FINISHED"
+        assert f"pipeline {broken} has no stored tree" in server.log()
+    finally:
+        server.stop()
+
+
+def test_a_tree_left_behind_does_not_block_a_new_start_with_its_id(database_url: str, tmp_path: Path) -> None:
+    from tests.trees import chain_tree
+    from worker_sdk import EngineClient
+
+    server = ServerProcess(database_url, log_dir=tmp_path)
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            client.start(chain_tree(["old"]), pipeline_id="reused-id")
+            client.revoke_pipeline("reused-id")
+    finally:
+        server.stop()
+    # What a purge by an engine older than pipeline_trees leaves: everything but the tree is gone.
+    _execute(
+        database_url,
+        *(
+            f"DELETE FROM {table} WHERE pipeline_id = :id"
+            for table in ("node_states", "node_histories", "tasks", "timers")
+        ),
+        "DELETE FROM pipelines WHERE id = :id",
+        id="reused-id",
+    )
+    server.start()
+    try:
+        with EngineClient(server.address) as client:
+            assert client.start(chain_tree(["new", "new"]), pipeline_id="reused-id") == "reused-id"
+            for _ in range(2):
+                assert _complete_next_task(server.address, "new") == ("reused-id", None)
+            state = client.wait("reused-id", timeout=10)
+            assert state["state"] == "FINISHED"
+            assert set(state["children"]) >= {"a0", "a1"}  # the new tree's nodes, not the old one's
+    finally:
+        server.stop()

@@ -20,6 +20,10 @@ depends_on = None
 
 
 def upgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        # A server still running on the old schema must not start a pipeline between the copy and the drop: its
+        # tree would be lost. (Stop the servers before migrating; this makes sure.) SQLite locks the whole file.
+        op.execute("LOCK TABLE pipelines IN SHARE ROW EXCLUSIVE MODE")
     op.create_table(
         "pipeline_trees",
         sa.Column("pipeline_id", sa.String(64), nullable=False),
